@@ -1,0 +1,353 @@
+"""SiT (Scalable Interpolant Transformer) with the REPA projector and the REG class token.
+
+    x [N,C,H,W] --patchify--> tokens + 2-D sin-cos position --> `depth` adaLN-Zero blocks, conditioned on
+    c = t_emb + y_emb --> final adaLN layer --> linear --> unpatchify --> velocity v [N,C,H,W]
+
+REPA: after block `encoder_depth` the hidden tokens h_t go through a projector MLP h_phi per target encoder
+(zs = h_phi(h_t), aligned to the encoder's features in losses.repa_loss).
+REG: the noisy class token cls_t of the target encoder enters as an extra first token
+LayerNorm(Linear(cls_t)) and leaves through its own output Linear as the class-token velocity.
+
+State-dict names equal the authors' released code, so the released REPA / REG checkpoints load strictly
+(see `load_released_state_dict`).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation: x * (1 + scale) + shift, with (shift, scale) per sample broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """t -> MLP(freq(t)): 256 sinusoidal frequencies, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """freq(t) = [cos(t w_0..w_{d/2-1}), sin(t w_0..w_{d/2-1})],  w_i = max_period^(-i/(d/2)).
+        The model sees t in [0, 1] itself, not 1000 t (SPEC §2)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """y -> table[y]; row `num_classes` is the null label used for classifier-free guidance.
+    During training each label is replaced by the null label with probability `dropout_prob`."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)  # always keep the null row
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> hidden_size tokens (a conv with kernel = stride = p)."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [N, T, D], row-major over the patch grid
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Fixed 2-D sin-cos position embedding [grid*grid, D] (MAE / DiT convention), tokens in row-major order:
+    the first D/2 channels encode the column index, the last D/2 the row index, each half as
+    [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k / (D/4)), k = 0..D/4-1."""
+    def one_dim(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    return np.concatenate([one_dim(embed_dim // 2, grid_w), one_dim(embed_dim // 2, grid_h)], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer
+# --------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (with bias), through PyTorch SDPA
+    (flash / memory-efficient kernels on GPU). Same parameters and math as timm's Attention."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> tanh-GELU -> fc2 (hidden = mlp_ratio * dim)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block:
+        (shift1, scale1, gate1, shift2, scale2, gate2) = Linear(SiLU(c))
+        x = x + gate1 * Attn(LN(x) * (1 + scale1) + shift1)
+        x = x + gate2 * MLP(LN(x) * (1 + scale2) + shift2)
+    LN has no affine parameters (eps 1e-6); the modulation Linear is zero-initialized, so each block starts as
+    the identity."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """x = Linear(LN(x) * (1 + scale) + shift), (shift, scale) = Linear(SiLU(c)).
+    With REG, token 0 (the class token) goes through its own `linear_cls` to a cls_dim velocity."""
+
+    def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if cls_dim is not None:
+            self.linear_cls = nn.Linear(hidden_size, cls_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c, has_cls=False):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        x = modulate(self.norm_final(x), shift, scale)
+        if not has_cls:
+            return self.linear(x), None
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
+
+
+def build_mlp(hidden_size, projector_dim, z_dim):
+    """REPA projector h_phi: Linear(hidden, P) - SiLU - Linear(P, P) - SiLU - Linear(P, z_dim)."""
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, z_dim))
+
+
+class SiT(nn.Module):
+    """SiT backbone + REPA projectors (one per entry of z_dims) + optional REG class token (cls_dim)."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dims=(768,),
+                 projector_dim=2048, cls_dim=None):
+        super().__init__()
+        z_dims = list(z_dims or [])
+        if input_size % patch_size:
+            raise ValueError(f"input_size={input_size} (latent size) must be divisible by patch_size={patch_size}; "
+                             f"allowed input sizes are multiples of {patch_size}")
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth={encoder_depth} must be in 1..{depth} (the model's depth)")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.num_classes, self.encoder_depth, self.z_dims, self.projector_dim = num_classes, encoder_depth, z_dims, projector_dim
+        self.cls_dim = cls_dim
+        self.grid_size = input_size // patch_size
+        self.grad_checkpointing = False  # activation checkpointing per block (train.py --grad-checkpointing)
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos embedding, stored as a frozen parameter like the released code (it is in the state dict
+        # and in the released parameter count). REG prepends a zero row for the class token [code].
+        num_tokens = self.grid_size ** 2 + (cls_dim is not None)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
+        if cls_dim is not None:
+            # REG class-token input: cls_t' = LayerNorm(Linear(cls_t)), affine LayerNorm, eps 1e-6 [code].
+            self.cls_projectors2 = nn.Linear(cls_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, cls_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT/SiT init: xavier-uniform Linear weights and zero biases; patch embedding like a Linear;
+        N(0, 0.02) label table and time-MLP weights; zero adaLN modulations and zero output layer(s), so the
+        initial model outputs v = 0 for any input (adaLN-Zero)."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)).float()
+        self.pos_embed.data[0, -pos.shape[0]:].copy_(pos)  # row 0 stays zero for the REG class token
+
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        final = self.final_layer
+        for layer in [final.adaLN_modulation[-1], final.linear] + ([final.linear_cls] if self.cls_dim else []):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """[N, T, p*p*C] -> [N, C, H, W]."""
+        p, c, g = self.patch_size, self.in_channels, self.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y, cls=None):
+        """v_theta(x_t, t, y[, cls_t]) -> (v, zs, cls_v).
+
+        x: [N, C, H, W] noisy latents, t: [N] times in [0, 1], y: [N] labels (num_classes = null),
+        cls: [N, cls_dim] noisy class token (REG only). zs: projected tokens after block `encoder_depth`
+        (one [N, T, z_dim] tensor per target encoder; T includes the class token with REG). cls_v: REG's
+        class-token velocity or None."""
+        if self.cls_dim is not None and cls is None:
+            raise ValueError("this is a REG model (cls_dim is set): pass the noisy class token as "
+                             f"cls=[N, {self.cls_dim}] (pure noise at t=1 when sampling)")
+        if self.cls_dim is None and cls is not None:
+            raise ValueError("cls was given but the model has no class-token layers (build it with cls_dim=... for REG)")
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"x has spatial size {tuple(x.shape[-2:])}, the model expects "
+                             f"{self.input_size}x{self.input_size} (input_size)")
+        h = self.x_embedder(x)
+        if cls is not None:
+            h = torch.cat([self.wg_norm(self.cls_projectors2(cls)).unsqueeze(1), h], dim=1)
+        h = h + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        zs = []
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+            if i + 1 == self.encoder_depth:
+                zs = [projector(h) for projector in self.projectors]
+        h, cls_v = self.final_layer(h, c, has_cls=cls is not None)
+        return self.unpatchify(h), zs, cls_v
+
+    def forward_flops(self):
+        """Matmul FLOPs (2 per multiply-add) of one forward pass for one sample; training costs about 3x."""
+        D, T, P = self.hidden_size, self.grid_size ** 2 + (self.cls_dim is not None), self.patch_size
+        out = P * P * self.in_channels
+        per_block = 2 * D * 6 * D + 2 * T * D * (3 * D + D + 2 * 4 * D) + 2 * 2 * T * T * D
+        flops = 2 * T * out * D + 2 * (256 * D + D * D) + self.depth * per_block + 2 * D * 2 * D + 2 * T * D * out
+        for z in self.z_dims:
+            flops += 2 * T * (D * self.projector_dim + self.projector_dim ** 2 + self.projector_dim * z)
+        if self.cls_dim is not None:
+            flops += 2 * 2 * self.cls_dim * D
+        return flops
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Released checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+def load_released_state_dict(model, checkpoint):
+    """Load an authors' release into `model` strictly.
+
+    The REPA release holds the EMA state dict itself; the REG release holds {'ema': state_dict, ...}; our own
+    checkpoints hold {'model', 'ema', ...}. Key names are the same as ours, so the conversion is only the
+    unwrapping (and stripping a `module.` / `_orig_mod.` prefix left by DDP / torch.compile). Raises a ValueError
+    that names the missing / unexpected / mis-shaped keys when the checkpoint is for another model."""
+    sd = checkpoint.get("ema", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        hint = []
+        if any(k.startswith(("cls_projectors2", "wg_norm")) for k in unexpected):
+            hint.append("the checkpoint is a REG model: build with cls_dim=768 (--reg)")
+        if any(k.startswith(("cls_projectors2", "wg_norm")) for k in missing):
+            hint.append("the checkpoint has no REG class-token layers: build without cls_dim")
+        raise ValueError("checkpoint does not match the model: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
+                         f"shape mismatches {shapes[:4]}" + ("; " + "; ".join(hint) if hint else ""))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry: SiT-{S,B,L,XL}/{2,4,8} (SiT paper, Table 1) and a tiny CPU configuration SiT-T
+# --------------------------------------------------------------------------------------------------------------
+
+SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+class _Registry(dict):
+    """A plain dict of constructors that answers an unknown name with the list of valid ones."""
+
+    def __missing__(self, name):
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(self)}")
+
+
+def _constructor(depth, hidden_size, num_heads, patch_size):
+    def make(**kwargs):
+        return SiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+    return make
+
+
+SiT_models = _Registry({f"SiT-{size}/{p}": _constructor(*SIZES[size], p) for size in SIZES for p in (2, 4, 8)})
+
+
+def default_encoder_depth(name):
+    """The released recipes align after block 4 for SiT-B (and the tiny/small configs), 8 for SiT-L/XL."""
+    return 8 if name.split("/")[0] in ("SiT-L", "SiT-XL") else 4
