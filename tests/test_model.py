@@ -224,7 +224,6 @@ def test_optimizer_steps_lower_the_loss_and_every_head_gets_gradients(reg):
         loss_at(step)["loss"].backward()
         opt.step()
     after = eval_loss()
-    print(before, after)
     assert after < before - 0.2
 
 
