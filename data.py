@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-VAE_SCALE = 0.18215  # SD-VAE latent scale (also encoders.VAE_SCALE); z = (mean + std * eps) * VAE_SCALE
+from encoders import VAE_SCALE  # SD-VAE latent scale; z = (mean + std * eps) * VAE_SCALE
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif'}
 
 
