@@ -37,6 +37,7 @@ from PIL import Image
 
 from losses import interpolant
 from model import SIZES, SiT_models, default_encoder_depth, load_released_state_dict
+from train import show_defaults
 
 # The null label of classifier-free guidance is row `num_classes` of the label table (1000 for ImageNet).
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the DiT / SiT sample.py defaults
@@ -441,7 +442,8 @@ def parse_args(argv=None):
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load with full pickle (torch.load weights_only=False); only for files you trust")
     # The architecture is read from the weights; these flags only check that it is what you expect.
-    p.add_argument("--model", default=None, choices=list(SiT_models))
+    p.add_argument("--model", default=None, choices=list(SiT_models), metavar="MODEL",
+                   help="check that the checkpoint is this model (default: read from the weights)")
     p.add_argument("--resolution", type=int, default=None, help="image size (latents are resolution / 8)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--encoder-depth", type=int, default=None, help="irrelevant for sampling; default from ckpt")
@@ -468,7 +470,7 @@ def parse_args(argv=None):
                    help="evaluation mode: this many images (random labels) as PNGs + .npz")
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--per-proc-batch-size", type=_positive_int, default=32)
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def _setup_distributed(device_arg):
