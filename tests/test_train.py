@@ -166,7 +166,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_torchrun_two_cpu_ranks_run_reg_and_write_one_checkpoint(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *TINY, "--output-dir", str(tmp_path), "--exp-name", "ddp", "--reg",
            "--max-train-steps", "3", "--checkpointing-steps", "3"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
