@@ -19,6 +19,7 @@ Command line (our checkpoints, the released REPA file = EMA state dict, the rele
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -35,9 +36,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from data import write_atomic
 from losses import interpolant
 from model import SIZES, SiT_models, default_encoder_depth, load_released_state_dict
-from train import show_defaults
+from train import setup_distributed, show_defaults
 
 # The null label of classifier-free guidance is row `num_classes` of the label table (1000 for ImageNet).
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the DiT / SiT sample.py defaults
@@ -230,10 +232,10 @@ def to_uint8(x):
 
 
 def _save_png(image_hwc, path):
-    """Write a PNG atomically (temp file + rename): a killed run never leaves a truncated image under its name."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(image_hwc).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a PNG atomically (data.write_atomic): a killed run never leaves a truncated image under its name."""
+    buf = io.BytesIO()
+    Image.fromarray(image_hwc).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def save_grid(images, path, nrow=8, padding=2):
@@ -473,23 +475,6 @@ def parse_args(argv=None):
     return show_defaults(p).parse_args(argv)
 
 
-def _setup_distributed(device_arg):
-    """(rank, world_size, device) from torchrun's environment (nccl on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no GPU is visible")
-    device = torch.device(f"cuda:{local}" if device_arg == "cuda" else device_arg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # A long timeout: after a resume the ranks may have very different amounts of work left.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
-    return rank, world, device
-
-
 def _barrier(device):
     if dist.is_initialized():
         dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
@@ -564,7 +549,8 @@ def main(argv=None):
         raise ValueError("choose one: --class-labels (a grid) or --num-fid-samples (an evaluation folder)")
     if not 0 <= args.seed < 2 ** 31:
         raise ValueError(f"--seed must be in [0, 2^31), got {args.seed}")
-    rank, world, device = _setup_distributed(args.device)
+    # A long collective timeout: after a resume the ranks may have very different amounts of work left.
+    rank, world, device = setup_distributed(args.device, timeout=timedelta(hours=6))
     try:
         return _run(args, rank, world, device)
     finally:
@@ -648,10 +634,8 @@ def _run(args, rank, world, device):
             if n.endswith(".tmp"):  # left by a killed run
                 os.remove(os.path.join(folder, n))
         if not exists:
-            tmp = os.path.join(folder, f"config.json.{os.getpid()}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(dict(identity, ckpt=os.path.abspath(args.ckpt)), f, indent=1)
-            os.replace(tmp, os.path.join(folder, "config.json"))
+            write_atomic(os.path.join(folder, "config.json"),
+                         json.dumps(dict(identity, ckpt=os.path.abspath(args.ckpt)), indent=1).encode())
     _barrier(device)
     done = {n for n in os.listdir(folder) if n.endswith(".png")}
     todo = [i for i in range(args.num_fid_samples) if f"{i:06d}.png" not in done]

@@ -44,7 +44,7 @@ from losses import compute_loss, repa_targets
 from model import SiT_models, default_encoder_depth
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input from the user: printed as one clear message (no traceback) before any compute is spent."""
 
 
@@ -217,9 +217,10 @@ def no_data_message(what, data_dir="data/imagenet256", resolution=256):
 # Distributed setup, seeds, RNG state
 # ----------------------------------------------------------------------------------------------------------------
 
-def setup_distributed(device_arg):
+def setup_distributed(device_arg, timeout=None):
     """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU); plain `python train.py`
-    runs as one process. Returns (rank, world_size, device)."""
+    runs as one process. device_arg: None / 'auto' (GPU if visible), 'cuda' or 'cpu'. `timeout`: how long a
+    collective may wait (sample.py's ranks can finish far apart). Returns (rank, world_size, device)."""
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
@@ -229,7 +230,7 @@ def setup_distributed(device_arg):
         if use_cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         return rank, world_size, device
     return 0, 1, torch.device("cuda", 0) if use_cuda else torch.device("cpu")
@@ -516,7 +517,7 @@ def sample_grid(ema, noise, args, ctx, vae, path):
 
 def trim_metrics(path, step):
     """Drop the lines of metrics.jsonl written after `step` (by a run that went on past its last checkpoint),
-    so a resumed run's metrics follow on without duplicate steps. Rewritten atomically."""
+    so a resumed run's metrics follow on without duplicate steps. Rewritten atomically (data.write_atomic)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -529,9 +530,8 @@ def trim_metrics(path, step):
         except (ValueError, KeyError, TypeError):
             pass  # a torn last line from a killed run
     if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        import data
+        data.write_atomic(path, "".join(keep).encode())
 
 
 class Logger:
