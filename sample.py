@@ -110,11 +110,14 @@ def _randn(x, generator):
     it is drawn in; a loop because torch has no batched generators, it costs little next to a model call)."""
     if generator is None:
         return torch.randn_like(x)
+    # A generator on another device (e.g. CPU generators for a CUDA run, so that the noise is the same on any device)
+    # draws there; the noise is then moved to x's device.
     if isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: pass one per sample")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device)
+                        for g in generator]).to(x.device)
 
 
 def _check_inputs(model, cls_latents):

@@ -101,7 +101,7 @@ def build_parser():
     g.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="run N steps on synthetic data of the real shapes, print images/s, MFU, memory; exit")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda if available)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
@@ -219,21 +219,39 @@ def no_data_message(what, data_dir="data/imagenet256", resolution=256):
 
 def setup_distributed(device_arg, timeout=None):
     """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU); plain `python train.py`
-    runs as one process. device_arg: None / 'auto' (GPU if visible), 'cuda' or 'cpu'. `timeout`: how long a
-    collective may wait (sample.py's ranks can finish far apart). Returns (rank, world_size, device)."""
+    runs as one process. device_arg: None / 'auto' (GPU if visible), 'cuda', 'cuda:N' or 'cpu'. `timeout`: how
+    long a collective may wait (sample.py's ranks can finish far apart). Returns (rank, world_size, device)."""
+    device_arg = device_arg or "auto"
+    if device_arg not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device_arg):
+        raise UsageError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_arg} but no CUDA device is visible; use --device cpu")
+    n_gpus = torch.cuda.device_count() if use_cuda else 0
+    index = int(device_arg.split(":")[1]) if ":" in device_arg else None
+    if index is not None and index >= n_gpus:
+        raise UsageError(f"--device {device_arg}: only {n_gpus} CUDA device(s) visible (cuda:0..cuda:{n_gpus - 1}); "
+                         "check CUDA_VISIBLE_DEVICES")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if index is not None and world_size > 1:
+            raise UsageError(f"--device {device_arg} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device "
+                             "cuda (or choose GPUs with CUDA_VISIBLE_DEVICES)")
         if use_cuda:
+            if local_rank >= n_gpus:
+                raise UsageError(f"torchrun started local rank {local_rank} but only {n_gpus} GPU(s) are visible: "
+                                 f"use --nproc_per_node={n_gpus} (NCCL needs one GPU per rank)")
+            local_rank = index if index is not None else local_rank
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         return rank, world_size, device
-    return 0, 1, torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(index or 0)
+        return 0, 1, torch.device("cuda", index or 0)
+    return 0, 1, torch.device("cpu")
 
 
 def seed_everything(seed):
@@ -373,6 +391,18 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+
+
+def out_of_memory_message(args, device, exp_dir, step):
+    """What to do when a step runs out of GPU memory (nothing is saved: the last checkpoint stays the latest)."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else None
+    half = max(args.micro_batch // 2, 1)
+    where = os.path.join(exp_dir, "checkpoints") if exp_dir else None
+    return (f"CUDA out of memory in step {step + 1} with a per-device micro-batch of {args.micro_batch} on {device}"
+            + (f" ({total:.0f} GiB)" if total else "") + f". Lower it with --micro-batch-size {half} (same global "
+            f"batch through gradient accumulation)" + ("" if args.grad_checkpointing else " or add --grad-checkpointing")
+            + (f"; nothing was saved, resume from the latest checkpoint in {where} with --resume auto" if where else "")
+            + ". `--benchmark 5 --batch-size B` tells quickly whether a batch B fits.")
 
 
 def fmt_time(seconds):
@@ -628,7 +658,8 @@ def run(args):
     ckpt, ckpt_path = (None, None) if bench else load_resume(args, exp_dir)
 
     log = Logger(exp_dir, rank, args, resume_step=int(ckpt["steps"]) if ckpt is not None else None)
-    log.info(f"{method.upper()} | {args.model} | world size {world_size} on {device} | global batch {args.batch_size}"
+    log.info(f"{method.upper()} | {args.model} | world size {world_size}"
+             f"{f' ({dist.get_backend()})' if dist.is_initialized() else ''} on {device} | global batch {args.batch_size}"
              f" = {args.micro_batch}/device x {world_size} ranks x {args.grad_accum} accumulation | "
              f"{args.mixed_precision} autocast | data {args.data_dir if dataset is not None else 'synthetic'}")
 
@@ -838,6 +869,10 @@ def run(args):
     except FloatingPointError as e:
         log.info(f"error: {e}")
         raise UsageError(str(e)) from None
+    except torch.OutOfMemoryError:
+        msg = out_of_memory_message(args, device, exp_dir, step)
+        log.info(f"error: {msg}")
+        raise UsageError(msg) from None
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
