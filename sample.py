@@ -39,7 +39,7 @@ from PIL import Image
 from data import write_atomic
 from losses import interpolant
 from model import SIZES, SiT_models, default_encoder_depth, load_released_state_dict
-from train import setup_distributed, show_defaults
+from train import set_tf32, setup_distributed, show_defaults
 
 # The null label of classifier-free guidance is row `num_classes` of the label table (1000 for ImageNet).
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the DiT / SiT sample.py defaults
@@ -562,7 +562,7 @@ def main(argv=None):
 
 
 def _run(args, rank, world, device):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    set_tf32(args.tf32)
     sd, ckpt_args = load_checkpoint(args.ckpt, args.use_model_weights, args.trust_checkpoint)
     a = ckpt_args or {}
     pixel_space = bool(a.get("pixel_space", False))

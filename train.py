@@ -281,6 +281,14 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def set_tf32(enabled):
+    """TF32 tensor cores for fp32 matmuls and convolutions (cuBLAS / cuDNN), or full IEEE fp32. Only the new
+    fp32_precision API is used: torch refuses a mix of it and the legacy allow_tf32 flags in one process."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def all_gather(obj, world_size):
     """List of `obj` from every rank (a one-element list without a process group)."""
     if world_size == 1:
@@ -664,9 +672,8 @@ def run(args):
              f"{args.mixed_precision} autocast | data {args.data_dir if dataset is not None else 'synthetic'}")
 
     # --- model and target encoders; the same seed on every rank so that random-init encoders agree ---
-    if device.type == "cuda" and args.tf32:
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    if device.type == "cuda":
+        set_tf32(args.tf32)
     seed_everything(args.seed)
     encoders = []
     if args.enc_type != "none" and (method != "sit"):

@@ -232,3 +232,23 @@ def test_bad_input_gives_clear_errors_before_training(tmp_path, capsys):
     err = error(*TINY[:1], "SiT-T/4", *TINY[2:], "--reg", "--output-dir", str(tmp_path), "--resume", ckpt)
     assert "model: checkpoint 'SiT-T/8' vs now 'SiT-T/4'" in err
     assert len(os.listdir(tmp_path / "r" / "checkpoints")) == 1
+
+
+def test_out_of_memory_stops_with_what_to_do_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train.compute_loss
+    calls = {"n": 0}
+
+    def oom_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "compute_loss", oom_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--reg", "--exp-name", "oom", "--max-train-steps", "10", "--checkpointing-steps", "2")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of memory in step 3" in err and "--micro-batch-size 4" in err and "--grad-checkpointing" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path / "oom" / "checkpoints")) == ["0000002.pt"]
+    assert load(tmp_path / "oom" / "checkpoints" / "0000002.pt")["steps"] == 2
