@@ -5,7 +5,8 @@
     VAE_SCALE       z = 0.18215 * latent, the scale SiT is trained on
 
 Target encoders come from timm (weights: timm's Hugging Face copies of the official checkpoints, or a local file,
-or random for tests). `toy-vit` is trained offline on the toy shapes (data.train_toy_encoder) and read from its cache file here. The VAE is written here in plain torch, module for module like diffusers'
+or random for tests). `toy-vit` is trained on the toy shapes by toy.train_toy_encoder and only read here, from its
+cache file (toy_encoder_path). The VAE is written here in plain torch, module for module like diffusers'
 AutoencoderKL, so its public weight files (`stabilityai/sd-vae-ft-ema`, `-mse`) load without diffusers.
 """
 import json
@@ -18,6 +19,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from plumbing import MissingFileError, UsageError, load_torch_file, show_some, state_dict_mismatch
 
 VAE_SCALE = 0.18215
 
@@ -35,7 +38,7 @@ class ConvStemPatchEmbed(nn.Module):
     """timm's PatchEmbed interface with a small convolutional stem instead of one patchifying conv (early
     convolutions make ViTs train much faster from scratch: Xiao et al. 2021, "Early Convolutions Help Transformers
     See Better"). x [N,3,H,W] -> conv3x3 (3->D/2) - GELU - conv3x3 (D/2->D/2) - GELU - conv pxp stride p (D/2->D)
-    -> tokens [N, (H/p)(W/p), D]. Used by the toy target encoder, which is trained here from scratch."""
+    -> tokens [N, (H/p)(W/p), D]. Used by the toy target encoder, which toy.train_toy_encoder trains from scratch."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, **unused):
         super().__init__()
@@ -89,7 +92,7 @@ ENCODERS = {
     "jepa-vit-h": dict(timm="vit_huge_patch14_gap_224.in1k_ijepa"),
     # Small random ViT for tests and benchmarks; never pretrained.
     "tiny-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TINY, hub=False, random_only=True),
-    # Small ViT trained by this project on the toy shapes (data.train_toy_encoder), cached on first use; toy data only.
+    # Small ViT trained by this project on the toy shapes (toy.train_toy_encoder), cached on first use; toy data only.
     "toy-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy=True),
 }
 _BY_LOWER = {k.lower(): k for k in ENCODERS}
@@ -101,7 +104,7 @@ def canonical_name(name):
     """Our name of an encoder given in any accepted spelling (case-insensitive, released spellings included)."""
     key = _BY_LOWER.get(name.strip().lower())
     if key is None:
-        raise ValueError(f"unknown encoder {name!r}; valid --enc-type names (comma-separate several): "
+        raise UsageError(f"unknown encoder {name!r}; valid --enc-type names (comma-separate several): "
                          f"{', '.join(ENCODERS)}")
     return key
 
@@ -171,42 +174,40 @@ def vit_tokens(vit, x, final_norm=True):
 
 
 def _read_weight_file(path):
-    """A state dict from .safetensors, a torch pickle (.pth/.bin/.pt) or a TorchScript archive (OpenAI CLIP .pt)."""
+    """A state dict from .safetensors, a torch pickle (.pth/.bin/.pt) or a TorchScript archive (OpenAI CLIP .pt).
+    Torch pickles go through plumbing.load_torch_file; one it refuses (objects other than tensors, e.g. a training
+    checkpoint's extras) is loaded as a full pickle, with a warning."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file not found: {path}")
+        raise MissingFileError(f"weight file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(path)
     except RuntimeError as e:  # TorchScript archive (OpenAI's ViT-L-14.pt)
         if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
             raise
         return torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception as e:  # pickle with non-tensor objects (e.g. argparse Namespace in a training checkpoint)
+    except Exception as e:  # pickle with non-tensor objects
         warnings.warn(f"{path}: not loadable with weights_only=True ({type(e).__name__}); loading the full pickle. "
                       f"Only do this with files you trust.")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch_file(path, trust=True)
 
 
 def load_strict(module, state_dict, what):
     """module.load_state_dict(state_dict) with one readable error naming missing / unexpected / mis-shaped keys."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    missing, unexpected, wrong = state_dict_mismatch(own, state_dict)
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong]
     if missing or unexpected or shapes:
-        def show(keys):
-            return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
         lines = [f"weights for {what} do not match the model:"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {show(missing)}")
+            lines.append(f"  missing keys ({len(missing)}): {show_some(missing, 12)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {show(unexpected)}")
+            lines.append(f"  unexpected keys ({len(unexpected)}): {show_some(unexpected, 12)}")
         if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {show(shapes)}")
-        raise ValueError("\n".join(lines))
+            lines.append(f"  shape mismatches ({len(shapes)}): {show_some(shapes, 12)}")
+        raise UsageError("\n".join(lines))
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -287,8 +288,8 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, **t
     if cfg.get("toy") and not random_init and not enc_path:
         enc_path = toy_encoder_path(grid_size)
         if not os.path.isfile(enc_path):
-            raise FileNotFoundError(f"the toy target encoder is not trained yet ({enc_path}); train.py and "
-                                    f"evaluate.py make it on first use (data.ensure_toy_encoder)")
+            raise MissingFileError(f"the toy target encoder is not trained yet ({enc_path}); train.py and "
+                                   f"evaluate.py make it on first use (toy.ensure_toy_encoder)")
     if not random_init and not enc_path and cfg.get("hub", True) and (offline := hub_unreachable()):
         hub_id = timm.models.get_pretrained_cfg(cfg["timm"]).hf_hub_id
         enc_path = cached_hub_file(hub_id, ("model.safetensors", "pytorch_model.bin")) if hub_id else None
@@ -298,7 +299,7 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, **t
                           f"cache filled on a machine with internet to HF_HOME (~/.cache/huggingface)")
     if random_init:
         if enc_path:
-            raise ValueError(f"{key}: enc_path and random_init are mutually exclusive")
+            raise UsageError(f"{key}: enc_path and random_init are mutually exclusive")
         warnings.warn(f"\n{'!' * 80}\nENCODER {key} HAS RANDOM WEIGHTS (seed {seed}): REPA/REG targets are "
                       f"meaningless; use this only for smoke runs and tests.\n{'!' * 80}", stacklevel=2)
         with torch.random.fork_rng(devices=[]):  # same weights on every rank and after a resume
@@ -313,7 +314,7 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, **t
         load_strict(vit, _timm_state_dict(_read_weight_file(enc_path), vit), f"encoder {key} from {enc_path}")
     else:
         if not cfg.get("hub", True):
-            raise ValueError(f"encoder {key} has no public timm/Hugging Face weights: pass the checkpoint file with "
+            raise UsageError(f"encoder {key} has no public timm/Hugging Face weights: pass the checkpoint file with "
                              f"--enc-path (or random_init for a smoke run)")
         try:
             vit = timm.create_model(cfg["timm"], pretrained=True, **kwargs)
@@ -337,18 +338,19 @@ def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=Non
     """
     names = [n for n in enc_type.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"enc_type {enc_type!r} names no encoder; valid names: {', '.join(ENCODERS)}")
+        raise UsageError(f"enc_type {enc_type!r} names no encoder; valid names: {', '.join(ENCODERS)}")
     grid_size = grid_size or resolution // 16
     paths = enc_path.split(",") if enc_path else [""] * len(names)
     if len(paths) != len(names):
-        raise ValueError(f"enc_path lists {len(paths)} files for {len(names)} encoders ({enc_type}); give one per "
+        raise UsageError(f"enc_path lists {len(paths)} files for {len(names)} encoders ({enc_type}); give one per "
                          f"encoder, comma-separated, leaving an entry empty to use the hub weights")
     return [build_encoder(n, grid_size, enc_path=p.strip() or None, random_init=random_init).to(device)
             for n, p in zip(names, paths)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The toy target encoder: a small ViT trained here, on CPU, on the toy shapes (data.toy_images)
+# The toy target encoder: a small ViT that toy.train_toy_encoder trains on CPU on the toy shapes (toy.toy_images);
+# only its cache file is named and read here
 # ------------------------------------------------------------------------------------------------------------------
 
 TOY_TRAIN = dict(steps=300, batch_size=128, lr=2e-3, weight_decay=0.05, num_images=24000, data_seed=1001, seed=0)
@@ -582,12 +584,12 @@ def _vae_files(name_or_path):
                 cfg_file = os.path.join(name_or_path, "config.json")
                 cfg = json.load(open(cfg_file)) if os.path.isfile(cfg_file) else None
                 return f, cfg
-        raise FileNotFoundError(f"{name_or_path}: no diffusion_pytorch_model.safetensors or .bin in this folder")
+        raise MissingFileError(f"{name_or_path}: no diffusion_pytorch_model.safetensors or .bin in this folder")
     if os.path.isfile(name_or_path):
         return name_or_path, None
     repo = VAE_HUB.get(name_or_path, name_or_path)
     if repo.count("/") not in (1, 2) or repo.startswith((".", "/")):
-        raise ValueError(f"VAE {name_or_path!r} is not 'ema', 'mse', 'random', a local folder/file, or a Hugging "
+        raise UsageError(f"VAE {name_or_path!r} is not 'ema', 'mse', 'random', a local folder/file, or a Hugging "
                          f"Face repo id (owner/name[/subfolder])")
     from huggingface_hub import hf_hub_download
     parts = repo.split("/")
@@ -639,7 +641,7 @@ def load_vae(name_or_path, device, slice_size=8):
                        or not all(cfg.get(k, True) for k in ("mid_block_add_attention", "use_quant_conv",
                                                              "use_post_quant_conv")))
         if unsupported:
-            raise ValueError(f"{name_or_path}: config.json describes a VAE variant this KL-f8 implementation does not "
+            raise UsageError(f"{name_or_path}: config.json describes a VAE variant this KL-f8 implementation does not "
                              f"support (expected act_fn silu, DownEncoderBlock2D/UpDecoderBlock2D blocks, mid-block "
                              f"attention, quant_conv and post_quant_conv)")
     with torch.device("meta"):  # no point initializing weights that are overwritten next

@@ -1,14 +1,11 @@
 """Evaluation: FID, sFID, Inception Score, precision and recall computed the way the ADM evaluator computes them
 (Dhariwal & Nichol 2021, the suite behind the FID 1.42 of REPA and 1.36 of REG), in PyTorch, without TensorFlow;
-the alignment analysis of the REPA paper (§3: per-block linear probe and CKNNA); the toy SiT vs REPA vs REG
-experiment.
+and the alignment analysis of the REPA paper (§3: per-block linear probe and CKNNA).
 
     python evaluate.py alignment --ckpt results/smoke-repa/checkpoints/0001600.pt --t 0.5
         per SiT block: linear-probe accuracy of the token-averaged hidden state, and CKNNA between it and the
         target encoder's features (REPA §3, Fig. 2); prints a table, writes a PNG plot
-    python evaluate.py toy-experiment --seeds 0 1 2
-        trains SiT, REPA and REG on the toy set (same seed, batch and steps), writes a table and a PNG plot of
-        joint toy accuracy against the training step
+    python evaluate.py toy-experiment ...   the toy SiT vs REPA vs REG experiment, now `python toy.py experiment ...`
 
     cknna(feats_a, feats_b, topk)   mutual k-NN kernel alignment (Huh et al. 2024, the Platonic Representation
                                     Hypothesis), with the unbiased HSIC of Song et al. 2012
@@ -44,7 +41,6 @@ How the figures can differ from ADM's (all far below the precision the papers pr
 import argparse
 import io
 import json
-import math
 import os
 import struct
 import sys
@@ -57,18 +53,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-from data import UsageError, set_tf32, setup_distributed, show_defaults, write_atomic
+import encoders
+import toy
 from inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, load_inception
+from losses import interpolant
 from model import build_model, load_checkpoint
+from plumbing import Progress, UsageError, run_script, set_tf32, setup_distributed, show_defaults, write_atomic
+from toy import experiment_main as toy_experiment_main  # `evaluate.py toy-experiment`: now `toy.py experiment`
 
 POOL_DIM, SPATIAL_DIM = 2048, 2023
 CACHE_VERSION = 1
-
-
-class EvalError(ValueError):
-    """Bad input to the evaluator: printed as one message that says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,16 +74,16 @@ def gaussian_statistics(activations):
     """mu = mean over samples, sigma = unbiased covariance (np.cov, rowvar=False), both float64, as ADM."""
     acts = np.asarray(activations)
     if acts.ndim != 2 or len(acts) < 2:
-        raise EvalError(f"statistics need activations [N >= 2, D]; got shape {acts.shape}")
+        raise UsageError(f"statistics need activations [N >= 2, D]; got shape {acts.shape}")
     return acts.mean(0, dtype=np.float64), np.cov(acts, rowvar=False)
 
 
 def _check_gaussian(mu, sigma, name):
     mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise EvalError(f"{name}: mu {mu.shape} and sigma {sigma.shape} do not fit (expected [D] and [D, D])")
+        raise UsageError(f"{name}: mu {mu.shape} and sigma {sigma.shape} do not fit (expected [D] and [D, D])")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvalError(f"{name}: the statistics contain NaN or inf (a corrupt file, or fewer than 2 samples)")
+        raise UsageError(f"{name}: the statistics contain NaN or inf (a corrupt file, or fewer than 2 samples)")
     return mu, sigma
 
 
@@ -115,7 +110,7 @@ def _trace_sqrt_product_scipy(sigma1, sigma2, eps=1e-6):
     try:
         from scipy import linalg
     except ImportError:
-        raise EvalError("--sqrtm scipy needs scipy: pip install scipy (or use the default --sqrtm eigh)") from None
+        raise UsageError("--sqrtm scipy needs scipy: pip install scipy (or use the default --sqrtm eigh)") from None
     covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
     if not np.isfinite(covmean).all():
         warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
@@ -123,7 +118,7 @@ def _trace_sqrt_product_scipy(sigma1, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise EvalError(f"the matrix square root has an imaginary component {np.max(np.abs(covmean.imag))}")
+            raise UsageError(f"the matrix square root has an imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return np.trace(covmean)
 
@@ -142,9 +137,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrtm="eigh"):
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "first distribution")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "second distribution")
     if mu1.shape != mu2.shape:
-        raise EvalError(f"the two distributions have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
+        raise UsageError(f"the two distributions have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
     if sqrtm not in ("eigh", "scipy"):
-        raise EvalError(f"sqrtm must be 'eigh' or 'scipy', got {sqrtm!r}")
+        raise UsageError(f"sqrtm must be 'eigh' or 'scipy', got {sqrtm!r}")
     trace_sqrt = (_trace_sqrt_product_eigh if sqrtm == "eigh" else _trace_sqrt_product_scipy)(sigma1, sigma2)
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
@@ -156,9 +151,9 @@ def inception_score(probs, split_size=5000):
     p(y|x) = 0 contribute 0 (the limit of p log p); ADM's float32 code would return NaN there."""
     p = np.asarray(probs, np.float64)
     if p.ndim != 2 or len(p) == 0:
-        raise EvalError(f"inception_score needs probabilities [N, C]; got shape {p.shape}")
+        raise UsageError(f"inception_score needs probabilities [N, C]; got shape {p.shape}")
     if split_size < 1:
-        raise EvalError(f"split_size must be positive, got {split_size}")
+        raise UsageError(f"split_size must be positive, got {split_size}")
     scores = []
     for start in range(0, len(p), split_size):  # ~10 splits: a loop over splits, not over samples
         part = p[start:start + split_size]
@@ -207,9 +202,9 @@ def precision_recall(real_features, fake_features, k=3, fp16=False, block_size=N
     real, fake = (np.asarray(x) for x in (real_features, fake_features))
     for name, x in (("real_features", real), ("fake_features", fake)):
         if x.ndim != 2 or len(x) < k + 1:
-            raise EvalError(f"{name}: need [N, D] with N >= k + 1 = {k + 1} for the k-NN radii; got {x.shape}")
+            raise UsageError(f"{name}: need [N, D] with N >= k + 1 = {k + 1} for the k-NN radii; got {x.shape}")
     if real.shape[1] != fake.shape[1]:
-        raise EvalError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+        raise UsageError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
     real = torch.as_tensor(real, dtype=torch.float32, device=device)
     fake = torch.as_tensor(fake, dtype=torch.float32, device=device)
     radii_real, radii_fake = knn_radii(real, k, fp16, block_size), knn_radii(fake, k, fp16, block_size)
@@ -229,11 +224,11 @@ def precision_recall(real_features, fake_features, k=3, fp16=False, block_size=N
 
 def _npz(path):
     if not os.path.isfile(path):
-        raise EvalError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise EvalError(f"{path} is not an .npz file ({e}); expected np.savez output with arr_0 = uint8 images "
+        raise UsageError(f"{path} is not an .npz file ({e}); expected np.savez output with arr_0 = uint8 images "
                         "[N, H, W, 3]") from None
 
 
@@ -251,7 +246,7 @@ def read_images(path):
     (another dtype, NCHW, grey or RGBA images) is refused with what to do."""
     with _npz(path) as zf:
         if "arr_0.npy" not in zf.namelist():
-            raise EvalError(f"{path} has no arr_0 (it holds {[n[:-4] for n in zf.namelist()]}); expected "
+            raise UsageError(f"{path} has no arr_0 (it holds {[n[:-4] for n in zf.namelist()]}); expected "
                             "arr_0 = uint8 images [N, H, W, 3] (np.savez(path, images))")
         info = zf.getinfo("arr_0.npy")
         with zf.open(info) as f:
@@ -269,7 +264,7 @@ def read_images(path):
         elif dtype != np.uint8:
             hint = " Convert [0, 1] or [-1, 1] floats with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) (or " \
                    "(x + 1) * 127.5 for [-1, 1])."
-        raise EvalError(f"{path}: arr_0 is {np.dtype(dtype).name} {list(shape)}; expected uint8 RGB images "
+        raise UsageError(f"{path}: arr_0 is {np.dtype(dtype).name} {list(shape)}; expected uint8 RGB images "
                         f"[N, H, W, 3] (NHWC, 0..255).{hint}")
     if arr is not None:
         return arr
@@ -292,7 +287,7 @@ def read_stored_statistics(path):
             if m in npz.files and s in npz.files:
                 mu, sigma = npz[m], npz[s]
                 if mu.shape != (dim,) or sigma.shape != (dim, dim):
-                    raise EvalError(f"{path}: stored {m} {list(mu.shape)} / {s} {list(sigma.shape)}; the ADM "
+                    raise UsageError(f"{path}: stored {m} {list(mu.shape)} / {s} {list(sigma.shape)}; the ADM "
                                     f"reference format has [{dim}] / [{dim}, {dim}]")
                 out[key] = (mu, sigma)
     return out
@@ -302,29 +297,22 @@ def read_stored_statistics(path):
 # Activations (sharded over torchrun ranks) and their cache
 # ----------------------------------------------------------------------------------------------------------------
 
-def _fmt_eta(seconds):
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def inception_activations(model, images, batch_size=100, device="cpu", rank=0, world=1, label="images"):
     """pool_3 [N, 2048] and spatial [N, 2023] activations (float32 numpy) of uint8 images [N, H, W, 3]. Under
     torchrun each rank runs a contiguous slice and rank 0 receives all (other ranks return None). Rank 0 prints
     a progress line with images/s and ETA (every batch on a terminal, every 30 s in a log)."""
     n = len(images)
     lo, hi = n * rank // world, n * (rank + 1) // world
-    pools, spatials, t0, last = [], [], time.time(), 0.0
+    pools, spatials = [], []
+    progress = Progress(n, prefix=f"{label}: ", world=world, quiet=rank != 0, stream=sys.stdout)
     for start in range(lo, hi, batch_size):
         batch = torch.from_numpy(np.array(images[start:min(start + batch_size, hi)]))  # a copy off the memmap
         with torch.no_grad():  # NHWC uint8 -> NCHW view in channels_last memory, which the convolutions prefer
             pool, spatial = model(batch.to(device).permute(0, 3, 1, 2))
         pools.append(pool.float().cpu().numpy())
         spatials.append(spatial.float().cpu().numpy())
-        done, now = start + len(batch) - lo, time.time()
-        if rank == 0 and (sys.stdout.isatty() or now - last > 30 or done == hi - lo):
-            last, rate = now, done * world / max(now - t0, 1e-9)
-            print(f"{label}: {min(done * world, n)}/{n} images  {rate:.1f} images/s  "
-                  f"ETA {_fmt_eta((n - done * world) / rate) if done * world < n else '0:00:00'}", flush=True)
+        progress.update(len(batch))
+    progress.close()
     pool = np.concatenate(pools) if pools else np.zeros((0, POOL_DIM), np.float32)
     spatial = np.concatenate(spatials) if spatials else np.zeros((0, SPATIAL_DIM), np.float32)
     if world == 1:
@@ -432,16 +420,16 @@ def parse_args(argv):
 def _check_batches(args, sample, ref):
     """Refuse what ADM would silently mis-score: other resolutions, too few samples, swapped arguments."""
     if sample.shape[1:3] != ref.shape[1:3]:
-        raise EvalError(f"{args.sample} holds {sample.shape[1]}x{sample.shape[2]} images but {args.ref} is a "
+        raise UsageError(f"{args.sample} holds {sample.shape[1]}x{sample.shape[2]} images but {args.ref} is a "
                         f"{ref.shape[1]}x{ref.shape[2]} reference batch; score against the reference batch of the "
                         "sample resolution (e.g. VIRTUAL_imagenet512.npz for 512x512 samples)")
     need = max(2, args.k + 1)
     for path, arr in ((args.sample, sample), (args.ref, ref)):
         if len(arr) < need:
-            raise EvalError(f"{path} holds {len(arr)} images; the statistics need at least {need} (2 for a "
+            raise UsageError(f"{path} holds {len(arr)} images; the statistics need at least {need} (2 for a "
                             f"covariance, k + 1 = {args.k + 1} for the k-NN radii). The papers use 50,000 samples")
     if read_stored_statistics(args.sample) and not read_stored_statistics(args.ref):
-        raise EvalError(f"{args.sample} holds reference statistics (mu, sigma) and {args.ref} does not: the "
+        raise UsageError(f"{args.sample} holds reference statistics (mu, sigma) and {args.ref} does not: the "
                         "arguments look swapped. This script takes SAMPLE REF (ADM's evaluator.py takes REF SAMPLE)")
 
 
@@ -507,7 +495,7 @@ def fid_main(argv):
     """`evaluate.py SAMPLE REF`: print the five metrics and a JSON line; returns the metrics dict (rank 0)."""
     args = parse_args(argv)
     if args.benchmark is None and (args.sample is None or args.ref is None):
-        raise EvalError("usage: evaluate.py SAMPLE.npz REF.npz (or --benchmark N); see --help")
+        raise UsageError("usage: evaluate.py SAMPLE.npz REF.npz (or --benchmark N); see --help")
     rank, world, device = setup_distributed(args.device, timeout=timedelta(hours=2))
     set_tf32(False)  # full float32 convolutions and matmuls, as the TF graph on which ADM's figures were made
     try:
@@ -611,67 +599,6 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes=None, steps=300, 
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Line plots with PIL (no plotting dependency)
-# ------------------------------------------------------------------------------------------------------------------
-
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
-    span = max(hi - lo, 1e-12)
-    raw = span / n
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(span / s - n))
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def plot_lines(path, series, title="", xlabel="", ylabel="", ylim=None, size=(720, 440)):
-    """Write a PNG line plot. series: list of dicts {label, x, y[, lo, hi]}: a line with markers and, when lo/hi
-    are given, a light band between them (e.g. min..max over seeds). Written atomically (data.write_atomic)."""
-    import io
-    from data import write_atomic
-    W, H = size
-    left, right, top, bottom = 70, 170, 40, 55
-    xs = [v for s in series for v in s["x"]]
-    ys = [v for s in series for key in ("y", "lo", "hi") for v in s.get(key, []) if v == v]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = ylim or (min(ys), max(ys))
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
-    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img, "RGBA")
-    for t in _ticks(y0, y1):
-        d.line([(left, py(t)), (W - right, py(t))], fill=(225, 225, 225))
-        d.text((left - 8, py(t)), f"{t:g}", fill="black", anchor="rm")
-    for t in _ticks(x0, x1, 6):
-        d.line([(px(t), H - bottom), (px(t), H - bottom + 5)], fill="black")
-        d.text((px(t), H - bottom + 8), f"{t:g}", fill="black", anchor="mt")
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    d.text(((left + W - right) / 2, 14), title, fill="black", anchor="mt")
-    d.text(((left + W - right) / 2, H - 20), xlabel, fill="black", anchor="mt")
-    d.text((8, top - 24), ylabel, fill="black", anchor="la")
-    for k, s in enumerate(series):
-        colour = COLOURS[k % len(COLOURS)]
-        if s.get("lo") is not None and s.get("hi") is not None:
-            band = [(px(x), py(v)) for x, v in zip(s["x"], s["hi"])] + \
-                   [(px(x), py(v)) for x, v in reversed(list(zip(s["x"], s["lo"])))]
-            d.polygon(band, fill=colour + (45,))
-        pts = [(px(x), py(v)) for x, v in zip(s["x"], s["y"])]
-        d.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        ly = top + 10 + 20 * k
-        d.line([(W - right + 12, ly), (W - right + 36, ly)], fill=colour, width=3)
-        d.text((W - right + 42, ly), s["label"], fill="black", anchor="lm")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, buf.getvalue())
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # Alignment analysis of a toy checkpoint
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -715,15 +642,12 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     reads what the network extracts from the image, not its label embedding. A REG model gets its class token
     noised to the same t (its training input). Returns {'probe': [...], 'cknna': [...], 'encoder_probe': float}.
     """
-    import data
-    import encoders
-    from losses import interpolant
     if not 0 <= t <= 1:
         raise UsageError(f"--t {t} must be in [0, 1] (0 = clean data, 1 = pure noise)")
     res = int(train_args["resolution"])
-    data.ensure_toy_encoder(enc_type, model.grid_size)  # trained once, then cached
+    toy.ensure_toy_encoder(enc_type, model.grid_size)  # trained once, then cached
     enc = encoders.load_encoders(enc_type, "cpu", resolution=res, grid_size=model.grid_size)[0]
-    images, labels = data.toy_images(np.arange(num_samples), res, seed=seed + 424242)
+    images, labels = toy.toy_images(np.arange(num_samples), res, seed=seed + 424242)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     g = torch.Generator().manual_seed(seed)
     alpha, sigma, _, _ = (float(c) for c in interpolant(torch.tensor(float(t)), train_args.get("path_type", "linear")))
@@ -742,9 +666,9 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     hidden, target = torch.cat(hidden, 1), torch.cat(target)
     n_train = num_samples * 2 // 3
     probe = linear_probe(hidden[:, :n_train], labels[:n_train], hidden[:, n_train:], labels[n_train:],
-                         num_classes=data.TOY_NUM_CLASSES)
+                         num_classes=toy.TOY_NUM_CLASSES)
     enc_probe = linear_probe(target[:n_train], labels[:n_train], target[n_train:], labels[n_train:],
-                             num_classes=data.TOY_NUM_CLASSES)
+                             num_classes=toy.TOY_NUM_CLASSES)
     align = [cknna(F.normalize(h, dim=-1), F.normalize(target, dim=-1), topk) for h in hidden]
     return {"probe": probe, "cknna": align, "encoder_probe": enc_probe}
 
@@ -784,98 +708,12 @@ def alignment_main(argv=None):
     for key, label in (("probe", "probe"), ("cknna", "CKNNA")):
         series += [{"label": f"{name} {label}", "x": list(range(1, len(r[key]) + 1)), "y": r[key]}
                    for name, r in results.items()]
-    plot_lines(a.plot, series, title=f"per-block linear probe and CKNNA at t = {a.t}", xlabel="SiT block",
+    toy.plot_lines(a.plot, series, title=f"per-block linear probe and CKNNA at t = {a.t}", xlabel="SiT block",
                ylabel="probe accuracy / CKNNA", ylim=(0, 1))
     print(f"wrote {a.plot}")
     if a.json:
-        from data import write_atomic
         write_atomic(a.json, json.dumps({"t": a.t, "topk": a.topk, "results": results}, indent=1).encode())
     return results
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The toy experiment: SiT vs REPA vs REG
-# ------------------------------------------------------------------------------------------------------------------
-
-METHODS = ("sit", "repa", "reg")
-
-
-def read_curve(exp_dir, key="toy_joint"):
-    """[(step, value)] of one metric from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in open(os.path.join(exp_dir, "metrics.jsonl")) if line.strip()]
-    return [(r["step"], r[key]) for r in rows if key in r]
-
-
-def steps_to_reach(curve, level):
-    """First evaluated step whose value is >= level (None if never)."""
-    return next((s for s, v in curve if v >= level - 1e-9), None)
-
-
-def toy_experiment_main(argv=None):
-    import train
-    p = argparse.ArgumentParser(
-        prog="evaluate.py toy-experiment", allow_abbrev=False,
-        description="Train SiT, REPA and REG on the toy set with the smoke preset (same seed, batch and steps "
-                    "for the three), several seeds; write a table and a PNG plot of joint toy accuracy against "
-                    "the training step. Finished runs are reused, so a killed experiment continues.")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--output-dir", default="results/toy-experiment")
-    p.add_argument("--eval-every", type=int, default=None, help="training steps between evaluations "
-                                                                "(default: the preset's --sample-every)")
-    a, extra = p.parse_known_args(argv)
-    curves = {}
-    t0 = time.time()
-    for method in a.methods:
-        for seed in a.seeds:
-            name = f"{method}-seed{seed}"
-            exp_dir = os.path.join(a.output_dir, name)
-            flags = [f"--smoke={method}", "--seed", str(seed), "--output-dir", a.output_dir, "--exp-name", name,
-                     *(["--sample-every", str(a.eval_every)] if a.eval_every else []), *extra]
-            done = os.path.isfile(os.path.join(exp_dir, "done.json"))
-            if not done:
-                print(f"=== {name}: python train.py {' '.join(flags)}", flush=True)
-                train.main(flags)
-                from data import write_atomic
-                write_atomic(os.path.join(exp_dir, "done.json"), b"{}\n")
-            curves[(method, seed)] = read_curve(exp_dir)
-    print(f"experiment finished in {time.time() - t0:.0f} s", flush=True)
-    return summarize(curves, a.methods, a.seeds, a.output_dir)
-
-
-def summarize(curves, methods, seeds, out_dir):
-    """Table (markdown, printed and written) and plot of mean joint accuracy +- spread (min..max over seeds)."""
-    from data import write_atomic
-    steps = sorted({s for c in curves.values() for s, _ in c})
-    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " | steps to SiT's final (per seed) |",
-             "|---|" + "---|" * (len(steps) + 1)]
-    mean_final_sit = None
-    if "sit" in methods:
-        mean_final_sit = float(np.mean([curves[("sit", s)][-1][1] for s in seeds]))
-    series = []
-    for m in methods:
-        table = np.array([[dict(curves[(m, s)]).get(st, np.nan) for st in steps] for s in seeds])
-        mean, lo, hi = np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
-        cells = [f"{mu:.3f} ± {(h - l) / 2:.3f}" for mu, l, h in zip(mean, lo, hi)]
-        reach = "–"
-        if mean_final_sit is not None:
-            reach = ", ".join(str(steps_to_reach(curves[(m, s)], mean_final_sit) or "never") for s in seeds)
-        lines.append(f"| {m.upper() if m != 'sit' else 'SiT'} | " + " | ".join(cells) + f" | {reach} |")
-        series.append({"label": m.upper() if m != "sit" else "SiT", "x": steps, "y": mean.tolist(),
-                       "lo": lo.tolist(), "hi": hi.tolist()})
-    note = (f"mean ± half the min-max spread over seeds {', '.join(map(str, seeds))}; joint toy accuracy (shape and "
-            f"colour right) of 64 EMA samples per evaluation" +
-            (f"; SiT's final mean joint accuracy: {mean_final_sit:.3f}" if mean_final_sit is not None else ""))
-    text = "\n".join(lines) + "\n\n" + note + "\n"
-    print(text, flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "table.md"), text.encode())
-    write_atomic(os.path.join(out_dir, "curves.json"), json.dumps(
-        {f"{m}-seed{s}": curves[(m, s)] for m in methods for s in seeds}).encode())
-    plot_lines(os.path.join(out_dir, "joint_accuracy.png"), series, title="toy set: joint accuracy of EMA samples "
-               "(band: min..max over seeds)", xlabel="training step", ylabel="joint accuracy", ylim=(0, 1))
-    print(f"wrote {os.path.join(out_dir, 'table.md')} and {os.path.join(out_dir, 'joint_accuracy.png')}")
-    return text
 
 
 def main(argv=None):
@@ -885,15 +723,16 @@ def main(argv=None):
     if argv and argv[0] in commands:
         fn = globals().get(commands[argv[0]])
         if fn is None:
-            raise EvalError(f"`evaluate.py {argv[0]}` is not available in this version of evaluate.py")
+            raise UsageError(f"`evaluate.py {argv[0]}` is not available in this version of evaluate.py")
         fn(argv[1:])
         return 0  # the exit status for the shell
     return fid_main(argv)
 
 
+def cli(argv=None):
+    """The command line's exit status: 0, or 2 with one line for bad input (or a missing file)."""
+    return run_script("evaluate.py", main, argv, also=(FileNotFoundError,))
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

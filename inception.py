@@ -32,15 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from plumbing import MissingFileError, UsageError, load_torch_file, show_some, state_dict_mismatch
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 WEIGHTS_SHA256_PREFIX = "6726825d"
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # sFID keeps the first 7 of mixed_6/conv's 192 channels: 7 * 17 * 17 = 2023 features
-
-
-class WeightsError(ValueError):
-    """The Inception weight file is missing or is not the expected state dict."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,23 +289,20 @@ def _check_state_dict(sd, expected, path):
     """Every parameter / buffer of the network, with its shape; BatchNorm's num_batches_tracked is optional
     (older files do not have it and it plays no part in eval mode)."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path} is not a state dict (a dict of tensors); expected torchvision's Inception3 "
-                           f"layout, e.g. Conv2d_1a_3x3.conv.weight {list(expected['Conv2d_1a_3x3.conv.weight'])}, "
-                           f"fc.weight {list(expected['fc.weight'])} (the file {WEIGHTS_NAME})")
+        raise UsageError(f"{path} is not a state dict (a dict of tensors); expected torchvision's Inception3 "
+                         f"layout, e.g. Conv2d_1a_3x3.conv.weight {list(expected['Conv2d_1a_3x3.conv.weight'])}, "
+                         f"fc.weight {list(expected['fc.weight'])} (the file {WEIGHTS_NAME})")
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(k for k in expected if k not in sd and k not in optional)
-    unexpected = sorted(k for k in sd if k not in expected)
-    wrong = sorted(f"{k}: {list(sd[k].shape)} (expected {list(expected[k])})"
-                   for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k]))
+    missing, unexpected, wrong = state_dict_mismatch(expected, sd, optional)
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    wrong = sorted(f"{k}: {list(sd[k].shape)} (expected {list(expected[k])})" for k in wrong)
     if missing or unexpected or wrong:
-        def show(items):
-            return ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
-        parts = [f"missing {show([f'{k} {list(expected[k])}' for k in missing])}" if missing else "",
-                 f"unexpected {show(unexpected)}" if unexpected else "",
-                 f"wrong shape {show(wrong)}" if wrong else ""]
-        raise WeightsError(f"{path} is not the FID Inception state dict ({'; '.join(p for p in parts if p)}). "
-                           f"Expected {len(expected) - len(optional)} tensors in torchvision's Inception3 layout "
-                           f"with a 1008-way fc (fc.weight [1008, 2048]), as in {WEIGHTS_NAME} from {WEIGHTS_URL}")
+        parts = [f"missing {show_some([f'{k} {list(expected[k])}' for k in missing], 6)}" if missing else "",
+                 f"unexpected {show_some(unexpected, 6)}" if unexpected else "",
+                 f"wrong shape {show_some(wrong, 6)}" if wrong else ""]
+        raise UsageError(f"{path} is not the FID Inception state dict ({'; '.join(p for p in parts if p)}). "
+                         f"Expected {len(expected) - len(optional)} tensors in torchvision's Inception3 layout "
+                         f"with a 1008-way fc (fc.weight [1008, 2048]), as in {WEIGHTS_NAME} from {WEIGHTS_URL}")
 
 
 def load_inception(path=None, device="cpu"):
@@ -319,14 +314,14 @@ def load_inception(path=None, device="cpu"):
     candidates = [path] if path else default_weight_paths()
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
-        raise WeightsError(f"Inception weights not found (looked for {', '.join(candidates)}). Download "
-                           f"{WEIGHTS_NAME} (the pytorch-fid conversion of TF's 2015 Inception graph, about 90 MB) "
-                           f"from {WEIGHTS_URL} and pass its path with --inception")
+        raise MissingFileError(f"Inception weights not found (looked for {', '.join(candidates)}). Download "
+                               f"{WEIGHTS_NAME} (the pytorch-fid conversion of TF's 2015 Inception graph, about "
+                               f"90 MB) from {WEIGHTS_URL} and pass its path with --inception")
     try:
-        sd = torch.load(found, map_location="cpu", weights_only=True)
+        sd = load_torch_file(found)
     except Exception as e:  # a truncated download, an HTML error page, a pickle with code in it
-        raise WeightsError(f"cannot read {found} as a torch weight file ({type(e).__name__}: {str(e)[:200]}). "
-                           f"Download {WEIGHTS_NAME} again from {WEIGHTS_URL}") from None
+        raise UsageError(f"cannot read {found} as a torch weight file ({type(e).__name__}: {str(e)[:200]}). "
+                         f"Download {WEIGHTS_NAME} again from {WEIGHTS_URL}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_state_dict(sd, expected, found)
     model.load_state_dict(sd, strict=False)  # strictness checked above, with num_batches_tracked optional

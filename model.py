@@ -16,13 +16,14 @@ import math
 import os
 import pickle
 import zipfile
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from plumbing import MissingFileError, UsageError, load_torch_file, state_dict_mismatch, strip_prefixes
 
 
 def modulate(x, shift, scale):
@@ -191,11 +192,12 @@ class SiT(nn.Module):
                  projector_dim=2048, cls_dim=None):
         super().__init__()
         z_dims = list(z_dims or [])
+        # The first two are reachable from flags (train.py --model / --resolution, --encoder-depth): bad input.
         if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} (latent size) must be divisible by patch_size={patch_size}; "
+            raise UsageError(f"input_size={input_size} (latent size) must be divisible by patch_size={patch_size}; "
                              f"allowed input sizes are multiples of {patch_size}")
         if z_dims and not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth={encoder_depth} must be in 1..{depth} (the model's depth)")
+            raise UsageError(f"encoder_depth={encoder_depth} must be in 1..{depth} (the model's depth)")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -307,22 +309,21 @@ def load_released_state_dict(model, checkpoint):
 
     The REPA release holds the EMA state dict itself; the REG release holds {'ema': state_dict, ...}; our own
     checkpoints hold {'model', 'ema', ...}. Key names are the same as ours, so the conversion is only the
-    unwrapping (and stripping a `module.` / `_orig_mod.` prefix left by DDP / torch.compile). Raises a ValueError
+    unwrapping (and stripping a `module.` / `_orig_mod.` prefix left by DDP / torch.compile). Raises a UsageError
     that names the missing / unexpected / mis-shaped keys when the checkpoint is for another model."""
     sd = checkpoint.get("ema", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    sd = strip_prefixes(sd)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, unexpected, wrong = state_dict_mismatch(own, sd)
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong]
     if missing or unexpected or shapes:
         hint = []
         if any(k.startswith(("cls_projectors2", "wg_norm")) for k in unexpected):
             hint.append("the checkpoint is a REG model: build with cls_dim=768 (--reg)")
         if any(k.startswith(("cls_projectors2", "wg_norm")) for k in missing):
             hint.append("the checkpoint has no REG class-token layers: build without cls_dim")
-        raise ValueError("checkpoint does not match the model: "
+        raise UsageError("checkpoint does not match the model: "
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
                          f"shape mismatches {shapes[:4]}" + ("; " + "; ".join(hint) if hint else ""))
@@ -335,28 +336,19 @@ def load_released_state_dict(model, checkpoint):
 # --------------------------------------------------------------------------------------------------------------
 
 def _torch_load(path, trust=False):
-    """torch.load on CPU, memory-mapped where the file allows it; weights_only unless the user trusts the file
-    (the released training scripts pickle an argparse.Namespace as 'args', which we allow explicitly)."""
-    safe = getattr(torch.serialization, "safe_globals", None)
-    ctx = safe([argparse.Namespace]) if (safe and not trust) else nullcontext()
-    kwargs = dict(map_location="cpu", weights_only=not trust)
+    """plumbing.load_torch_file (CPU, memory-mapped where the file allows it, weights_only unless the user trusts
+    the file), with what went wrong said for a --ckpt file: torn, not a torch file, or refused by weights_only."""
     try:
-        with ctx:
-            try:
-                return torch.load(path, mmap=True, **kwargs)
-            except RuntimeError as e:  # files in the legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, **kwargs)
+        return load_torch_file(path, trust)
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (not a torch.save file); is the file "
+            raise UsageError(f"{path} is not a readable PyTorch checkpoint (not a torch.save file); is the file "
                              "complete?") from None
-        raise ValueError(f"could not read {path} safely (torch.load weights_only=True): {str(e).splitlines()[0]}. "
+        raise UsageError(f"could not read {path} safely (torch.load weights_only=True): {str(e).splitlines()[0]}. "
                          "If this is a checkpoint you trust, rerun with --trust-checkpoint.") from None
     except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                         "is the file complete?") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file: an EOFError without a message
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({why}); is the file complete?") from None
 
 
 def load_checkpoint(path, use_model_weights=False, trust=False):
@@ -366,26 +358,26 @@ def load_checkpoint(path, use_model_weights=False, trust=False):
     use_model_weights). The released REG file {'ema': state_dict}; the released REPA file: the EMA state dict
     itself. `module.` / `_orig_mod.` prefixes (DDP, torch.compile) are stripped."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found")
+        raise MissingFileError(f"checkpoint {path!r} not found")
     ckpt = _torch_load(path, trust)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
+        raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
     args = None
     if "ema" in ckpt or "model" in ckpt:
         key = "model" if use_model_weights else "ema"
         if key not in ckpt:
-            raise ValueError(f"{path} has no {key!r} weights (it holds {sorted(ckpt)}); "
+            raise UsageError(f"{path} has no {key!r} weights (it holds {sorted(ckpt)}); "
                              + ("drop --use-model-weights" if use_model_weights else "pass --use-model-weights"))
         sd, args = ckpt[key], ckpt.get("args")
         args = vars(args) if isinstance(args, argparse.Namespace) else args
     elif use_model_weights:
-        raise ValueError(f"{path} is a released EMA state dict: it has no raw training weights; drop "
+        raise UsageError(f"{path} is a released EMA state dict: it has no raw training weights; drop "
                          "--use-model-weights")
     else:
         sd = ckpt
     if not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: the weights are not a state dict of tensors")
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+        raise UsageError(f"{path}: the weights are not a state dict of tensors")
+    sd = strip_prefixes(sd)
     return sd, (dict(args) if args else None)
 
 
@@ -414,12 +406,12 @@ def detect_model_config(sd):
     it gets the released default for the size."""
     need = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight"]
     if any(k not in sd for k in need):
-        raise ValueError(f"not a SiT state dict: it lacks {[k for k in need if k not in sd]}")
+        raise UsageError(f"not a SiT state dict: it lacks {[k for k in need if k not in sd]}")
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     size = next((s for s, (d, h, _) in SIZES.items() if (d, h) == (depth, hidden)), None)
     if size is None or patch not in (2, 4, 8):
-        raise ValueError(f"the checkpoint's architecture (depth {depth}, hidden {hidden}, patch {patch}) is none "
+        raise UsageError(f"the checkpoint's architecture (depth {depth}, hidden {hidden}, patch {patch}) is none "
                          f"of SiT-{{{','.join(SIZES)}}}/{{2,4,8}}")
     cls_dim = sd["cls_projectors2.weight"].shape[1] if "cls_projectors2.weight" in sd else None
     tokens = sd["pos_embed"].shape[1] - (cls_dim is not None)
@@ -450,7 +442,7 @@ def build_model(sd, ckpt_args=None, model=None, input_size=None, num_classes=Non
     asked = {"model": model, "input_size": input_size, "num_classes": num_classes}
     wrong = {k: v for k, v in asked.items() if v is not None and v != config[k]}
     if wrong:
-        raise ValueError(f"the checkpoint holds {describe_config(config)}, but "
+        raise UsageError(f"the checkpoint holds {describe_config(config)}, but "
                          + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
                          + " was requested; drop those flags or pass the matching checkpoint")
     if encoder_depth is not None:
@@ -472,7 +464,7 @@ class _Registry(dict):
     """A plain dict of constructors that answers an unknown name with the list of valid ones."""
 
     def __missing__(self, name):
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(self)}")
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(self)}")
 
 
 def _constructor(depth, hidden_size, num_heads, patch_size):

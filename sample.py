@@ -34,9 +34,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import Progress, released_spelling, set_tf32, setup_distributed, show_defaults, toy_accuracy, write_atomic
+from encoders import VAE_SCALE, load_vae
 from losses import interpolant
 from model import SiT_models, build_model, describe_config, load_checkpoint, rename_legacy_blocks
+from plumbing import (Progress, UsageError, barrier, released_spelling, run_script, set_tf32, setup_distributed,
+                      show_defaults, write_atomic)
+from toy import toy_accuracy
 
 # The null label of classifier-free guidance is row `num_classes` of the label table (1000 for ImageNet).
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the DiT / SiT sample.py defaults
@@ -219,7 +222,7 @@ SAMPLERS = {"ode": euler_sampler, "sde": euler_maruyama_sampler}
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """Run the command line; returns the path written (grid PNG or .npz). Bad input raises ValueError."""
+    """Run the command line; returns the path written (grid PNG or .npz). Bad input raises UsageError."""
     args = parse_args(argv)
     check_args(args)
     # A long collective timeout: after a resume the ranks may have very different amounts of work left.
@@ -244,7 +247,7 @@ def sample_grid(args, rank, model, vae, config, name, device):
         labels = IMAGENET_DEMO_CLASSES if k == 1000 else list(range(min(8, k)))
     bad = [c for c in labels if not 0 <= c < config["num_classes"]]
     if bad:
-        raise ValueError(f"class label(s) {bad} out of range: this model has {config['num_classes']} classes "
+        raise UsageError(f"class label(s) {bad} out of range: this model has {config['num_classes']} classes "
                          f"(0..{config['num_classes'] - 1})")
     path = args.grid_path or os.path.join(args.sample_dir, f"{name}.png")
     if rank == 0:
@@ -275,7 +278,7 @@ def sample_folder(args, rank, world, model, vae, config, name, device):
         progress.update(len(idx))
     if todo:
         progress.close()
-    _barrier(device)
+    barrier(device)
     npz = f"{folder}.npz"
     if rank == 0:
         shape = write_npz(folder, args.num_fid_samples, npz)
@@ -302,21 +305,21 @@ def _sample_batch(args, model, vae, latent_scale, path_type, indices, labels, de
 # --------------------------------------------------------------------------------------------------------------
 
 def check_args(args):
-    """Flag combinations argparse cannot check; raises ValueError before anything is loaded."""
+    """Flag combinations argparse cannot check; raises UsageError before anything is loaded."""
     if args.cfg_scale < 1.0:
-        raise ValueError(f"--cfg-scale {args.cfg_scale} < 1: use 1 for no guidance (as the released code)")
+        raise UsageError(f"--cfg-scale {args.cfg_scale} < 1: use 1 for no guidance (as the released code)")
     if not args.guidance_low <= args.guidance_high:
-        raise ValueError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}")
+        raise UsageError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}")
     if args.num_fid_samples is not None and args.class_labels is not None:
-        raise ValueError("choose one: --class-labels (a grid) or --num-fid-samples (an evaluation folder)")
+        raise UsageError("choose one: --class-labels (a grid) or --num-fid-samples (an evaluation folder)")
     if not 0 <= args.seed < 2 ** 31:
-        raise ValueError(f"--seed must be in [0, 2^31), got {args.seed}")
+        raise UsageError(f"--seed must be in [0, 2^31), got {args.seed}")
     if args.qk_norm:
-        raise ValueError("--qk-norm: the papers' SiT models (and the released checkpoints) have no q/k "
+        raise UsageError("--qk-norm: the papers' SiT models (and the released checkpoints) have no q/k "
                          "normalization, and this implementation has none; drop the flag")
     if os.path.isdir(args.ckpt):
         found = sorted(glob.glob(os.path.join(args.ckpt, "**", "*.pt"), recursive=True))
-        raise ValueError(f"--ckpt {args.ckpt} is a folder; pass a checkpoint file"
+        raise UsageError(f"--ckpt {args.ckpt} is a folder; pass a checkpoint file"
                          + (f", e.g. --ckpt {found[-1]}" if found else " (a .pt file)"))
 
 
@@ -324,12 +327,12 @@ def check_released_flags(args, config):
     """--cls and --projector-embed-dims of the released generate.py build the model there; here the weights do, so
     the flags must agree with them."""
     if args.cls is not None and args.cls != config["cls_dim"]:
-        raise ValueError(f"--cls {args.cls}: the checkpoint's class token has dimension {config['cls_dim']} "
+        raise UsageError(f"--cls {args.cls}: the checkpoint's class token has dimension {config['cls_dim']} "
                          + ("(not a REG model: drop --cls)" if config["cls_dim"] is None else "") )
     if args.projector_embed_dims is not None:
         dims = [int(d) for d in args.projector_embed_dims.split(",") if d.strip()]
         if dims != config["z_dims"]:
-            raise ValueError(f"--projector-embed-dims {args.projector_embed_dims}: the checkpoint's projectors "
+            raise UsageError(f"--projector-embed-dims {args.projector_embed_dims}: the checkpoint's projectors "
                              f"output {config['z_dims']}; drop the flag (the weights decide)")
 
 
@@ -345,7 +348,7 @@ def load_for_sampling(args, rank, world, device):
     if args.legacy:
         sd = rename_legacy_blocks(sd, args.encoder_depth or 8)
     elif any(k.startswith("decoder_blocks.") for k in sd):
-        raise ValueError(f"{args.ckpt} stores decoder_blocks.* (weights of the authors' early runs): pass --legacy "
+        raise UsageError(f"{args.ckpt} stores decoder_blocks.* (weights of the authors' early runs): pass --legacy "
                          "and the --encoder-depth it was trained with (default 8)")
     model, config = build_model(sd, ckpt_args, args.model, input_size, args.num_classes, args.encoder_depth, device)
     check_released_flags(args, config)
@@ -354,14 +357,12 @@ def load_for_sampling(args, rank, world, device):
                   weights=weights_fingerprint(sd) if args.num_fid_samples is not None else None)
     if args.cls_cfg_scale > 0 and config["cls_dim"] is None:
         _log(rank, "warning: --cls-cfg-scale is for REG models; this checkpoint has no class token, ignoring it")
-    vae, config["latent_scale"] = None, float(a.get("latent_scale", 1.0 if pixel_space else 0.18215))
+    vae, config["latent_scale"] = None, float(a.get("latent_scale", 1.0 if pixel_space else VAE_SCALE))
     if not pixel_space:
-        from encoders import VAE_SCALE, load_vae  # only latent models need the VAE (and encoders.py)
-        config["latent_scale"] = float(a.get("latent_scale", VAE_SCALE))
         try:
             vae = load_vae(args.vae, device)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"cannot load --vae {args.vae}: {e}") from None
+            raise UsageError(f"cannot load --vae {args.vae}: {e}") from None
     # The REPA projector outputs (zs) play no part in sampling; dropping the projectors saves their MLP on every
     # token of every call (about 1% of SiT-XL/2's compute, half of a tiny model's). The weights stay in `sd`.
     model.projectors = torch.nn.ModuleList()
@@ -399,7 +400,7 @@ def _open_folder(folder, args, rank, config, device):
                     noise="per-image generator, seed * 2^32 + index")
     os.makedirs(folder, exist_ok=True)
     exists = _check_folder(folder, identity)
-    _barrier(device)
+    barrier(device)
     if rank == 0:
         for n in os.listdir(folder):
             if n.endswith(".tmp"):  # left by a killed run
@@ -407,7 +408,7 @@ def _open_folder(folder, args, rank, config, device):
         if not exists:
             write_atomic(os.path.join(folder, "config.json"),
                          json.dumps(dict(identity, ckpt=os.path.abspath(args.ckpt)), indent=1).encode())
-    _barrier(device)
+    barrier(device)
     done = {n for n in os.listdir(folder) if n.endswith(".png")}
     todo = [i for i in range(args.num_fid_samples) if f"{i:06d}.png" not in done]
     _log(rank, f"{folder}: {args.num_fid_samples - len(todo)} of {args.num_fid_samples} images already there, "
@@ -424,18 +425,13 @@ def _check_folder(folder, config):
             old = json.load(f)
         diff = [f"{k}: {old.get(k)!r} (folder) vs {v!r} (now)" for k, v in config.items() if old.get(k) != v]
         if diff:
-            raise ValueError(f"{folder} already holds samples made with another configuration ({'; '.join(diff)}). "
+            raise UsageError(f"{folder} already holds samples made with another configuration ({'; '.join(diff)}). "
                              "Use another --sample-dir, or delete that folder to start over.")
         return True
     if any(n.endswith(".png") for n in os.listdir(folder)):
-        raise ValueError(f"{folder} holds PNGs but no config.json, so it cannot be resumed safely; use another "
+        raise UsageError(f"{folder} holds PNGs but no config.json, so it cannot be resumed safely; use another "
                          "--sample-dir or empty it")
     return False
-
-
-def _barrier(device):
-    if dist.is_initialized():
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
 def _log(rank, msg):
@@ -444,7 +440,7 @@ def _log(rank, msg):
 
 
 def _toy_score(config, images, labels):
-    """Toy checkpoints (data 'toy'): print data.toy_accuracy of the grid (joint = shape and colour both right)."""
+    """Toy checkpoints (data 'toy'): print toy.toy_accuracy of the grid (joint = shape and colour both right)."""
     if config.get("data_dir") == "toy":
         acc = toy_accuracy(images, torch.as_tensor(labels))
         print(f"toy accuracy: joint {acc['joint']:.3f} (shape {acc['shape']:.3f}, colour {acc['colour']:.3f})",
@@ -469,7 +465,7 @@ def to_uint8(x):
 
 
 def _save_png(image_hwc, path):
-    """Write a PNG atomically (data.write_atomic): a killed run never leaves a truncated image under its name."""
+    """Write a PNG atomically (plumbing.write_atomic): a killed run never leaves a truncated image under its name."""
     buf = io.BytesIO()
     Image.fromarray(image_hwc).save(buf, format="PNG")
     write_atomic(path, buf.getvalue())
@@ -604,13 +600,11 @@ def parse_args(argv=None):
     return show_defaults(p).parse_args(released_spelling(sys.argv[1:] if argv is None else argv))
 
 
+def cli(argv=None):
+    """The command line's exit status: 0; 2 with one line for bad input (or a file system error); 130 on Ctrl-C."""
+    return run_script("sample.py", main, argv, also=(OSError,), interrupted="interrupted; rerun the same command to "
+                      "continue (an evaluation folder keeps its finished images)")
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("sample.py: interrupted; rerun the same command to continue (an evaluation folder keeps its finished "
-              "images)", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli())

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import plumbing
 import sample
 import train
 from model import SiT_models, build_model, load_checkpoint
@@ -56,9 +57,9 @@ def randomized(model, seed=0):
 @pytest.fixture
 def fp32_ieee():
     """Full fp32 matmuls for the test, whatever an earlier test in the process set."""
-    train.set_tf32(False)
+    plumbing.set_tf32(False)
     yield
-    train.set_tf32(False)
+    plumbing.set_tf32(False)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
@@ -97,7 +98,7 @@ def test_bf16_cuda_forward_matches_the_fp64_cpu_forward(fp32_ieee):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = gpu_model(*inputs, cls=cls.cuda())
         fp32 = gpu_model(*inputs, cls=cls.cuda())
-        train.set_tf32(True)
+        plumbing.set_tf32(True)
         tf32 = gpu_model(*inputs, cls=cls.cuda())
     for name, out, tol in (("bf16", bf16, 2e-2), ("fp32", fp32, 1e-5), ("tf32", tf32, 5e-3)):
         errs = {"v": rel_err(out[0], ref[0]), "zs": rel_err(out[1][0], ref[1][0]), "cls_v": rel_err(out[2], ref[2])}

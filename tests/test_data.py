@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 import data
-from data import (DataError, ImageLatentDataset, ShardSampler, ToyDataset, TOY_NUM_CLASSES, build_dataset,
-                  center_crop_arr, preprocess, toy_images, toy_quality)
+import plumbing
+from data import ImageLatentDataset, ShardSampler, build_dataset, center_crop_arr, preprocess
+from plumbing import UsageError
+from toy import ToyDataset, TOY_NUM_CLASSES, toy_images, toy_quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -300,8 +302,8 @@ def test_full_disk_keeps_written_files_and_resumes(tree, full_run, random_vae, t
                 return HalfWriter(real_open(path, mode, *a, **k))
         return real_open(path, mode, *a, **k)
 
-    monkeypatch.setattr(data, 'open', fake_open, raising=False)
-    with pytest.raises(DataError, match='no space left.*rerun the same command'):
+    monkeypatch.setattr(plumbing, 'open', fake_open, raising=False)
+    with pytest.raises(UsageError, match='no space left.*rerun the same command'):
         preprocess(tree[0], dest, resolution=32, vae=random_vae, batch_size=4, num_workers=0)
     monkeypatch.undo()
     files = _tree_bytes(dest)
@@ -320,7 +322,7 @@ def test_full_disk_keeps_written_files_and_resumes(tree, full_run, random_vae, t
 def test_resume_refuses_other_settings(tree, full_run, tmp_path):
     dest = str(tmp_path / 'out')
     preprocess(tree[0], dest, resolution=32, vae=TinyVAE(), batch_size=4, num_workers=0, max_images=2)
-    with pytest.raises(DataError, match='other settings.*resolution'):
+    with pytest.raises(UsageError, match='other settings.*resolution'):
         preprocess(tree[0], dest, resolution=64, vae=TinyVAE(), batch_size=4, num_workers=0)
 
 
@@ -365,13 +367,13 @@ def test_dataset_fails_fast_on_disagreement(tmp_path):
     root = str(tmp_path)
     _released_tree(root, 'images')
     os.remove(os.path.join(root, 'vae-sd', '00000', 'img-mean-std-00000003.npy'))
-    with pytest.raises(DataError, match=r'5 images.*4 latents.*img00000003\.png'):
+    with pytest.raises(UsageError, match=r'5 images.*4 latents.*img00000003\.png'):
         ImageLatentDataset(root)
     np.save(os.path.join(root, 'vae-sd', '00000', 'img-mean-std-00000003.npy'), np.zeros((8, 2, 2), np.float32))
     ImageLatentDataset(root)  # consistent again
     os.rename(os.path.join(root, 'images', '00000', 'img00000004.png'),
               os.path.join(root, 'images', '00000', 'img00000005.png'))
-    with pytest.raises(DataError, match=r'img00000005\.png.*img-mean-std-00000004\.npy'):
+    with pytest.raises(UsageError, match=r'img00000005\.png.*img-mean-std-00000004\.npy'):
         ImageLatentDataset(root)
 
 
@@ -381,29 +383,29 @@ def test_dataset_label_file_errors(tmp_path):
     meta = os.path.join(root, 'vae-sd', 'dataset.json')
     with open(meta, 'w') as f:
         json.dump({'labels': [[f'00000/img-mean-std-{i:08d}.npy', 1] for i in range(4)]}, f)
-    with pytest.raises(DataError, match=r'4 entries for 5 items.*img-mean-std-00000004'):
+    with pytest.raises(UsageError, match=r'4 entries for 5 items.*img-mean-std-00000004'):
         ImageLatentDataset(root)
     with open(meta, 'w') as f:
         f.write('{"labels": [["00000/img-mean-std-0')
-    with pytest.raises(DataError, match='not valid JSON'):
+    with pytest.raises(UsageError, match='not valid JSON'):
         ImageLatentDataset(root)
     with open(meta, 'w') as f:
         json.dump({'labels': None}, f)
-    with pytest.raises(DataError, match='malformed.*null'):
+    with pytest.raises(UsageError, match='malformed.*null'):
         ImageLatentDataset(root)
     os.remove(meta)
-    with pytest.raises(DataError, match='no dataset.json'):
+    with pytest.raises(UsageError, match='no dataset.json'):
         ImageLatentDataset(root)
-    with pytest.raises(DataError, match='use its parent'):
+    with pytest.raises(UsageError, match='use its parent'):
         ImageLatentDataset(os.path.join(root, 'vae-sd'))
 
 
 def test_build_dataset(tmp_path):
-    with pytest.raises(DataError, match=r'(?s)does not exist.*python data.py.*--data-dir toy'):
+    with pytest.raises(UsageError, match=r'(?s)does not exist.*python data.py.*--data-dir toy'):
         build_dataset(str(tmp_path / 'missing'), 256)
     _released_tree(str(tmp_path / 'd'), 'images')
     assert len(build_dataset(str(tmp_path / 'd'), 16)) == 5
-    with pytest.raises(DataError, match='16px images but --resolution is 256'):
+    with pytest.raises(UsageError, match='16px images but --resolution is 256'):
         build_dataset(str(tmp_path / 'd'), 256)
     toy = build_dataset('toy', 32, toy_samples=50, seed=3)
     assert isinstance(toy, ToyDataset) and len(toy) == 50 and toy.seed == 3
@@ -435,7 +437,7 @@ def test_toy_quality_real_near_one_noise_near_chance():
     assert abs(toy_quality(noise, labels) - chance) < 0.05
     shuffled = np.random.default_rng(0).permutation(labels)  # right images, wrong labels
     assert abs(toy_quality(imgs, shuffled) - chance) < 0.05
-    with pytest.raises(DataError, match='uint8'):
+    with pytest.raises(UsageError, match='uint8'):
         toy_quality(torch.zeros(2, 3, 32, 32), labels[:2])
 
 
@@ -461,5 +463,5 @@ def test_shard_sampler_disjoint_epochs_and_exact_resume():
     assert len(s) == 25 - 7 and list(s) == shards1[2][7:]  # resumes exactly
     assert list(s) == shards1[2]  # set_start is one-shot
     assert list(ShardSampler(10, 1, 2, shuffle=False)) == [1, 3, 5, 7, 9]
-    with pytest.raises(DataError):
+    with pytest.raises(UsageError):
         s.set_start(26)

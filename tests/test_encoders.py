@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import encoders as E
+from plumbing import UsageError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TINY = dict(depth=1, embed_dim=48)  # architecture overrides for cheap forward passes of every encoder family
@@ -173,7 +174,7 @@ def test_reads_torchscript_archives(tmp_path):
 
 
 def test_encoder_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="dinov2-vit-b.*tiny-vit"):  # lists the valid names
+    with pytest.raises(UsageError, match="dinov2-vit-b.*tiny-vit"):  # lists the valid names
         E.load_encoders("dinov3-vit-b", "cpu")
     enc = _build("tiny-vit", 8)
     for bad in (torch.rand(1, 3, 32, 32), _images(1, 32)[0], _images(1, 32).permute(0, 2, 3, 1), [1, 2]):
@@ -185,9 +186,9 @@ def test_encoder_errors(tmp_path, monkeypatch):
     sd["blocks.7.attn.qkv.weight"] = torch.zeros(1)
     path = str(tmp_path / "bad.safetensors")
     save_file(sd, path)
-    with pytest.raises(ValueError, match=r"missing keys \(1\): norm\.weight(.|\n)*unexpected keys \(1\): blocks\.7"):
+    with pytest.raises(UsageError, match=r"missing keys \(1\): norm\.weight(.|\n)*unexpected keys \(1\): blocks\.7"):
         _build("dinov2-vit-s", 16, enc_path=path, **TINY)
-    with pytest.raises(ValueError, match="enc-path"):  # no hub copy of MoCo v3
+    with pytest.raises(UsageError, match="enc-path"):  # no hub copy of MoCo v3
         E.build_encoder("mocov3-vit-b", 16)
     # offline with an empty cache: a clear error pointing to --enc-path, not a stack trace from the hub client
     import huggingface_hub.constants as hc
@@ -319,14 +320,14 @@ def test_vae_errors(tmp_path, monkeypatch):
     sd["decoder.extra.weight"] = torch.zeros(1)
     os.symlink(os.path.join(GOLDEN, "config.json"), tmp_path / "config.json")
     save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder\.conv_out\.bias(.|\n)*decoder\.extra"):
+    with pytest.raises(UsageError, match=r"missing keys \(1\): decoder\.conv_out\.bias(.|\n)*decoder\.extra"):
         E.load_vae(str(tmp_path), "cpu")
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(RuntimeError, match="sd-vae-ft-ema(.|\n)*Offline"):
         E.load_vae("ema", "cpu")
-    with pytest.raises(ValueError, match="not 'ema', 'mse'"):
+    with pytest.raises(UsageError, match="not 'ema', 'mse'"):
         E.load_vae("no-such-vae", "cpu")
 
 

@@ -11,7 +11,8 @@ import torchvision
 
 import evaluate
 import inception
-from evaluate import EvalError, frechet_distance, inception_score, precision_recall, read_images
+from plumbing import UsageError
+from evaluate import frechet_distance, inception_score, precision_recall, read_images
 
 
 def _random_spd(rng, d, rank=None):
@@ -62,11 +63,11 @@ def test_frechet_distance_scipy_route_agrees():
 
 
 def test_frechet_distance_rejects_bad_statistics():
-    with pytest.raises(EvalError, match="different dimensions"):
+    with pytest.raises(UsageError, match="different dimensions"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-    with pytest.raises(EvalError, match="NaN or inf"):
+    with pytest.raises(UsageError, match="NaN or inf"):
         frechet_distance(np.zeros(3), np.full((3, 3), np.nan), np.zeros(3), np.eye(3))
-    with pytest.raises(EvalError, match="fewer than 2 samples|N >= 2"):
+    with pytest.raises(UsageError, match="fewer than 2 samples|N >= 2"):
         evaluate.gaussian_statistics(np.zeros((1, 5)))
 
 
@@ -134,7 +135,7 @@ def test_precision_recall_other_k_and_random_floats():
     rng = np.random.default_rng(5)
     real, fake = rng.standard_normal((40, 5)), rng.standard_normal((35, 5)) + 0.5
     assert precision_recall(real, fake, k=5, block_size=7) == pytest.approx(_brute_force_pr(real, fake, 5), abs=0)
-    with pytest.raises(EvalError, match="N >= k \\+ 1 = 4"):
+    with pytest.raises(UsageError, match="N >= k \\+ 1 = 4"):
         precision_recall(real[:3], fake, k=3)
 
 
@@ -220,17 +221,17 @@ def test_torchvision_inception3_layout_is_accepted(tmp_path):
 
 
 def test_weight_file_errors(tmp_path):
-    with pytest.raises(inception.WeightsError, match="pt_inception-2015-12-05-6726825d.pth.*--inception"):
+    with pytest.raises(UsageError, match="pt_inception-2015-12-05-6726825d.pth.*--inception"):
         inception.load_inception(str(tmp_path / "absent.pth"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"<html>not found</html>")
-    with pytest.raises(inception.WeightsError, match="cannot read"):
+    with pytest.raises(UsageError, match="cannot read"):
         inception.load_inception(str(bad))
     sd = inception.InceptionV3TF().state_dict()
     sd.pop("fc.bias")
     sd["fc.weight"] = torch.zeros(1000, 2048)
     torch.save(sd, bad)
-    with pytest.raises(inception.WeightsError, match=r"missing fc.bias \[1008\].*wrong shape fc.weight: "
+    with pytest.raises(UsageError, match=r"missing fc.bias \[1008\].*wrong shape fc.weight: "
                                                      r"\[1000, 2048\] \(expected \[1008, 2048\]\)"):
         inception.load_inception(str(bad))
 
@@ -256,16 +257,16 @@ def test_read_images_accepts_uint8_nhwc(tmp_path):
 ])
 def test_read_images_rejects_other_layouts(tmp_path, arr, message):
     np.savez(tmp_path / "x.npz", arr)
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(UsageError, match=message):
         read_images(str(tmp_path / "x.npz"))
 
 
 def test_read_images_rejects_non_npz(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"nope")
-    with pytest.raises(EvalError, match="not an .npz"):
+    with pytest.raises(UsageError, match="not an .npz"):
         read_images(str(tmp_path / "x.npz"))
     np.savez(tmp_path / "y.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(EvalError, match="no arr_0"):
+    with pytest.raises(UsageError, match="no arr_0"):
         read_images(str(tmp_path / "y.npz"))
 
 
@@ -281,14 +282,14 @@ def _batch(path, n, size=32, seed=0, **stats):
 ])
 def test_cli_refuses_bad_batches(tmp_path, sample, ref, message):
     args = [_batch(tmp_path / "s.npz", **sample), _batch(tmp_path / "r.npz", **ref), "--device", "cpu"]
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(UsageError, match=message):
         evaluate.main(args)
 
 
 def test_cli_missing_weights(tmp_path):
     args = [_batch(tmp_path / "s.npz", 5), _batch(tmp_path / "r.npz", 5), "--device", "cpu",
             "--inception", str(tmp_path / "none.pth")]
-    with pytest.raises(inception.WeightsError, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         evaluate.main(args)
 
 
@@ -340,5 +341,5 @@ def test_main_dispatches_subcommands(monkeypatch):
     evaluate.main(["alignment", "--x", "1"])
     assert calls == [["--x", "1"]]
     monkeypatch.delattr(evaluate, "toy_experiment_main", raising=False)
-    with pytest.raises(EvalError, match="toy-experiment` is not available"):
+    with pytest.raises(UsageError, match="toy-experiment` is not available"):
         evaluate.main(["toy-experiment"])

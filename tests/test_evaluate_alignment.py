@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 import evaluate
+import toy
 import train
+from plumbing import UsageError
 
 
 def _cknna_loops(A, B, k):
@@ -95,12 +97,12 @@ def test_linear_probe_separable_is_perfect_random_labels_at_chance():
 
 def test_plot_lines_writes_a_png(tmp_path):
     path = tmp_path / "p.png"
-    evaluate.plot_lines(str(path), [{"label": "a", "x": [0, 100, 200], "y": [0.1, 0.5, 0.9], "lo": [0, 0.4, 0.8],
+    toy.plot_lines(str(path), [{"label": "a", "x": [0, 100, 200], "y": [0.1, 0.5, 0.9], "lo": [0, 0.4, 0.8],
                                      "hi": [0.2, 0.6, 1.0]}, {"label": "b", "x": [0, 100, 200], "y": [0.2, 0.2, 0.3]}],
                         title="t", xlabel="step", ylabel="acc", ylim=(0, 1), size=(400, 300))
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape == (300, 400, 3)
-    assert (np.abs(img.astype(int) - evaluate.COLOURS[0]).sum(-1) == 0).sum() > 50  # the first line is drawn
+    assert (np.abs(img.astype(int) - toy.COLOURS[0]).sum(-1) == 0).sum() > 50  # the first line is drawn
 
 
 def _toy_checkpoint(tmp_path, *flags):
@@ -130,7 +132,7 @@ def test_alignment_command_on_toy_checkpoints_and_bad_input(tmp_path, capsys):
         evaluate.alignment_main(["--ckpt", str(released)])
     with pytest.raises(evaluate.UsageError, match="--ckpt"):
         evaluate.alignment_main(["--ckpt", str(tmp_path / "missing.pt")])
-    with pytest.raises(evaluate.EvalError, match="usage"):  # one positional argument: the FID command's usage
+    with pytest.raises(UsageError, match="usage"):  # one positional argument: the FID command's usage
         evaluate.main(["fid"])
     assert evaluate.main(["alignment", "--ckpt", sit, "--num-samples", "30", "--topk", "3", "--enc-type", "tiny-vit",
                           "--plot", str(plot)]) == 0  # exit status 0 for the shell
@@ -142,7 +144,7 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     flags = ["--seeds", "0", "1", "--output-dir", str(out), "--eval-every", "2", "--model", "SiT-T/8",
              "--enc-type", "tiny-vit", "--projector-dim", "32", "--toy-samples", "16", "--batch-size", "8",
              "--max-train-steps", "4", "--num-sample-images", "4", "--sample-steps", "2"]
-    text = evaluate.toy_experiment_main(flags)
+    text = toy.experiment_main(flags)
     assert sorted(os.listdir(out)) == sorted(["curves.json", "joint_accuracy.png", "table.md"] +
                                              [f"{m}-seed{s}" for m in ("sit", "repa", "reg") for s in (0, 1)])
     curves = json.load(open(out / "curves.json"))
@@ -153,17 +155,17 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| SiT", "| REPA", "| REG"] and "step 4" in rows[0]
     # finished runs are reused: a second call trains nothing
-    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("retrained a finished run"))
-    assert evaluate.toy_experiment_main(flags) == text
+    monkeypatch.setattr(toy, "run_training", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert toy.experiment_main(flags) == text
     with pytest.raises(SystemExit):
-        evaluate.toy_experiment_main(["--methods", "dit"])
+        toy.experiment_main(["--methods", "dit"])
     assert "--methods" in capsys.readouterr().err
 
 
 def test_summary_table_means_spreads_and_steps_to_sits_final(tmp_path):
     curves = {("sit", 0): [(2, 0.2), (4, 0.4)], ("sit", 1): [(2, 0.4), (4, 0.6)],  # SiT's final mean: 0.5
               ("repa", 0): [(2, 0.6), (4, 0.9)], ("repa", 1): [(2, 0.3), (4, 0.5)]}
-    rows = evaluate.summarize(curves, ["sit", "repa"], [0, 1], str(tmp_path)).splitlines()
+    rows = toy.summarize(curves, ["sit", "repa"], [0, 1], str(tmp_path)).splitlines()
     assert rows[2] == "| SiT | 0.300 ± 0.100 | 0.500 ± 0.100 | never, 4 |"  # seed 0 ends at 0.4 < 0.5
     assert rows[3] == "| REPA | 0.450 ± 0.150 | 0.700 ± 0.200 | 2, 4 |"
     assert "0.500" in rows[5] and (tmp_path / "joint_accuracy.png").is_file()

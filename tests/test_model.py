@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from losses import compute_loss
 from model import SiT_models, default_encoder_depth, get_2d_sincos_pos_embed, load_released_state_dict
+from plumbing import UsageError
 
 REFERENCE = json.load(open(os.path.join(os.path.dirname(__file__), "data", "official_sit_state_dicts.json")))
 
@@ -158,22 +159,22 @@ def test_released_layouts_load_strictly_with_equal_parameter_counts(key):
 
 def test_loading_the_wrong_checkpoint_names_the_problem():
     repa, reg = tiny(), tiny(cls_dim=6)
-    with pytest.raises(ValueError, match="REG"):
+    with pytest.raises(UsageError, match="REG"):
         load_released_state_dict(repa, reg.state_dict())
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(UsageError, match="missing"):
         load_released_state_dict(reg, repa.state_dict())
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(UsageError, match="shape"):
         load_released_state_dict(tiny(), tiny(num_classes=5).state_dict())
 
 
 def test_bad_arguments_raise_clear_value_errors():
-    with pytest.raises(ValueError, match="SiT-XL/2"):
+    with pytest.raises(UsageError, match="SiT-XL/2"):
         SiT_models["SiT-XXL/2"]
-    with pytest.raises(ValueError, match="encoder_depth=7 must be in 1..6"):
+    with pytest.raises(UsageError, match="encoder_depth=7 must be in 1..6"):
         tiny(encoder_depth=7)
-    with pytest.raises(ValueError, match="encoder_depth=0"):
+    with pytest.raises(UsageError, match="encoder_depth=0"):
         tiny(encoder_depth=0)
-    with pytest.raises(ValueError, match="input_size=9.*patch_size=2"):
+    with pytest.raises(UsageError, match="input_size=9.*patch_size=2"):
         tiny(input_size=9)
     reg = tiny(cls_dim=6)
     with pytest.raises(ValueError, match="cls="):

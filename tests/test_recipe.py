@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import encoders
+import plumbing
 import sample
 import train
 from model import SiT_models
@@ -46,7 +47,7 @@ def training_setup(*flags):
     batches = train.make_batches(args, dataset, (0, 0), 0, 1, CPU, num_classes, False)
     params = [p for p in raw.parameters() if p.requires_grad]
     ema_params = [q for p, q in zip(raw.parameters(), ema.parameters()) if p.requires_grad]
-    ctx = train.autocast_ctx(CPU, args.mixed_precision)
+    ctx = plumbing.autocast_ctx(CPU, args.mixed_precision)
 
     def step(stream=batches):
         return train.train_step(raw, raw, ema_params, params, opt, scaler, stream, encs, args, ctx, CPU)

@@ -11,11 +11,13 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import data
 import encoders
 import sample
 import train
 from model import SiT_models, rename_legacy_blocks
+from plumbing import UsageError
 
 # SiT-T/8 + REG on 16 px toy images (2x2 tokens + the class token), random tiny-vit target (192-d).
 TINY = ["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-samples", "40", "--batch-size", "8",
@@ -132,8 +134,8 @@ def test_released_optimizer_state_with_a_wrong_shape_is_refused(tmp_path):
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
     i = order.index("final_layer.linear.weight")
     ckpt["opt"]["state"][i]["exp_avg"] = ckpt["opt"]["state"][i]["exp_avg"][:1]
-    with pytest.raises(data.UsageError, match="final_layer.linear.weight"):
-        train.released_optimizer_state(ckpt["opt"], order, net, opt)
+    with pytest.raises(UsageError, match="final_layer.linear.weight"):
+        checkpoints.released_optimizer_state(ckpt["opt"], order, net, opt)
 
 
 def test_resume_step_is_the_released_way_to_name_a_checkpoint(tmp_path):
@@ -247,7 +249,7 @@ def test_released_flags_we_do_not_take_stop_naming_ours(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and "released code" in err and ours in err
     a = train.parse_args(["--qk-norm", "--data-dir", "toy"])
-    with pytest.raises(data.UsageError, match="no q/k normalization"):
+    with pytest.raises(UsageError, match="no q/k normalization"):
         train.check_args(a, 1)
     a = train.parse_args(["--no-qk-norm", "--no-fused-attn", "--ops-head", "16", "--local_rank=3", "--data-dir", "toy"])
     train.check_args(a, 1)  # accepted: no effect here, none in the release either (SDPA computes the same attention)
@@ -264,7 +266,7 @@ def test_released_gradient_accumulation_trains_the_released_effective_batch(tmp_
     train.check_args(args, 1)
     assert (args.batch_size, args.micro_batch) == (256, 128)
     args = train.parse_args(["--gradient-accumulation-steps", "2", "--grad-accum", "2", "--data-dir", "toy"])
-    with pytest.raises(data.UsageError, match="one convention"):
+    with pytest.raises(UsageError, match="one convention"):
         train.check_args(args, 1)
 
 
@@ -277,7 +279,7 @@ def test_encoder_names_in_the_released_spelling():
     args = train.parse_args(["--enc-type", "None", "--data-dir", "toy"])  # the released "no encoder"
     train.check_args(args, 1)
     assert args.enc_type == "none" and train.method_name(args) == "sit"
-    with pytest.raises(data.UsageError, match="unknown encoder 'dinov3-vit-b'"):
+    with pytest.raises(UsageError, match="unknown encoder 'dinov3-vit-b'"):
         train.check_args(train.parse_args(["--enc-type", "dinov3-vit-b", "--data-dir", "toy"]), 1)
 
 

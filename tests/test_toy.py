@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import encoders as E
+import toy
 import train
-from data import TOY_COLORS, TOY_NUM_CLASSES, toy_accuracy, toy_class_examples, toy_images
+from toy import TOY_COLORS, TOY_NUM_CLASSES, toy_accuracy, toy_class_examples, toy_images
 
 
 # --- metric ---------------------------------------------------------------------------------------------------------
@@ -54,11 +54,11 @@ def test_toy_encoder_trained_once_cached_and_read_by_the_normal_path(tmp_path, m
     monkeypatch.setitem(E.TOY_TRAIN, "batch_size", 8)
     monkeypatch.setitem(E.TOY_TRAIN, "num_images", 48)
     calls = []
-    real_train = data.train_toy_encoder
-    monkeypatch.setattr(data, "train_toy_encoder", lambda *a, **k: calls.append(a) or real_train(*a, log=lambda m: None))
+    real_train = toy.train_toy_encoder
+    monkeypatch.setattr(toy, "train_toy_encoder", lambda *a, **k: calls.append(a) or real_train(*a, log=lambda m: None))
 
     def load():  # what train.py and evaluate.py do: make it if missing, then the normal loading path
-        data.ensure_toy_encoder("toy-vit", 4)
+        toy.ensure_toy_encoder("toy-vit", 4)
         return E.load_encoders("toy-vit", "cpu", resolution=16, grid_size=4)[0]
 
     path = E.toy_encoder_path(4)

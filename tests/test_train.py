@@ -13,6 +13,9 @@ import time
 import pytest
 import torch
 
+import checkpoints
+import monitor
+import run_folder
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,14 +108,14 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     # steps 3-4 (or the torn line) before the new steps 3-4.
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
-    train.trim_metrics(str(path), 2)
+    monitor.trim_metrics(str(path), 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
 def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path, monkeypatch):
     ckpt_dir = tmp_path / "checkpoints"
     good = str(ckpt_dir / "0000010.pt")
-    train.save_checkpoint({"steps": 10, "w": torch.arange(5)}, good)
+    checkpoints.save_checkpoint({"steps": 10, "w": torch.arange(5)}, good)
     before = open(good, "rb").read()
 
     def torn_save(obj, f, *a, **k):  # dies half-way through writing, like a kill or a full disk
@@ -121,16 +124,16 @@ def test_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path,
     monkeypatch.setattr(torch, "save", torn_save)
     for path in (good, str(ckpt_dir / "0000020.pt")):  # overwrite the same name, and write a newer step
         with pytest.raises(train.UsageError) as e:
-            train.save_checkpoint({"steps": 20}, path)
+            checkpoints.save_checkpoint({"steps": 20}, path)
         # The message names the checkpoint not written and the intact one to continue from.
         assert f"could not write checkpoint {path}" in str(e.value) and f"previous checkpoint {good} is intact" in \
             str(e.value) and "rerun the same command" in str(e.value)
     monkeypatch.undo()
     assert open(good, "rb").read() == before
     assert sorted(os.listdir(ckpt_dir)) == ["0000010.pt"]  # no partial file left, no .tmp
-    assert train.latest_checkpoint(str(ckpt_dir)) == good
+    assert checkpoints.latest_checkpoint(str(ckpt_dir)) == good
     (ckpt_dir / "0000030.pt.tmp").write_bytes(b"torn")  # a stale temp file from a SIGKILLed run is ignored
-    assert train.latest_checkpoint(str(ckpt_dir)) == good
+    assert checkpoints.latest_checkpoint(str(ckpt_dir)) == good
     assert load(good)["steps"] == 10
 
 
@@ -352,7 +355,7 @@ def test_a_second_writer_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path,
     # A lock from another host counts while its heartbeat is fresh, and is taken over once it is LOCK_STALE_S old.
     lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
     fails(capsys, *TINY, "--output-dir", str(tmp_path), "--exp-name", "locked", "--max-train-steps", "2")
-    old = time.time() - train.LOCK_STALE_S - 5
+    old = time.time() - run_folder.LOCK_STALE_S - 5
     os.utime(lock, (old, old))
     assert run_train(tmp_path, "--exp-name", "locked", "--max-train-steps", "2")["steps"] == 2
     assert "took over the lock of a run that is gone (no heartbeat for" in (exp / "log.txt").read_text()
