@@ -353,7 +353,8 @@ def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=Non
 # only its cache file is named and read here
 # ------------------------------------------------------------------------------------------------------------------
 
-TOY_TRAIN = dict(steps=300, batch_size=128, lr=2e-3, weight_decay=0.05, num_images=24000, data_seed=1001, seed=0)
+TOY_TRAIN = dict(steps=150, batch_size=128, lr=2e-3, weight_decay=0.05, num_images=24000, data_seed=1001, seed=0,
+                 style="centred")  # style: how its toy images are drawn (toy.TOY_STYLES), the toy set's style
 
 
 def toy_encoder_path(grid_size):
@@ -362,7 +363,7 @@ def toy_encoder_path(grid_size):
     root = os.environ.get("REPA_REG_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "repa-reg")
     t = TOY_TRAIN
-    return os.path.join(root, f"toy-vit-grid{grid_size}-d{TOY_DIM}-s{t['steps']}-b{t['batch_size']}-"
+    return os.path.join(root, f"toy-vit-{t['style']}-grid{grid_size}-d{TOY_DIM}-s{t['steps']}-b{t['batch_size']}-"
                               f"seed{t['seed']}.safetensors")
 
 

@@ -2,7 +2,7 @@
 (Dhariwal & Nichol 2021, the suite behind the FID 1.42 of REPA and 1.36 of REG), in PyTorch, without TensorFlow;
 and the alignment analysis of the REPA paper (§3: per-block linear probe and CKNNA).
 
-    python evaluate.py alignment --ckpt results/smoke-repa/checkpoints/0001600.pt --t 0.5
+    python evaluate.py alignment --ckpt results/smoke-repa/checkpoints/0000400.pt --t 0.5
         per SiT block: linear-probe accuracy of the token-averaged hidden state, and CKNNA between it and the
         target encoder's features (REPA §3, Fig. 2); prints a table, writes a PNG plot
     python evaluate.py toy-experiment ...   the toy SiT vs REPA vs REG experiment, now `python toy.py experiment ...`
@@ -613,7 +613,7 @@ def load_toy_model(path):
     if not args or args.get("data_dir") != "toy":
         what = "a released ImageNet model" if not args else f"a model trained on --data-dir {args.get('data_dir')}"
         raise UsageError(f"--ckpt {path} is {what}; the alignment analysis needs a SiT trained on the toy set by "
-                         "train.py (e.g. results/smoke-repa/checkpoints/0001600.pt from `python train.py --smoke repa`)")
+                         "train.py (e.g. results/smoke-repa/checkpoints/0000400.pt from `python train.py --smoke repa`)")
     return model, args
 
 

@@ -37,28 +37,52 @@ from plumbing import UsageError, run_script, write_atomic
 TOY_SHAPES = ('square', 'disk', 'triangle', 'plus')
 TOY_COLORS = {'red': (0.86, 0.14, 0.12), 'green': (0.12, 0.74, 0.22), 'blue': (0.16, 0.28, 0.92)}
 TOY_NUM_CLASSES = len(TOY_SHAPES) * len(TOY_COLORS)  # class = shape_index * 3 + color_index
+TOY_RESOLUTION = 32  # what --data-dir toy renders unless --resolution says otherwise
+MAX_TOY_RESOLUTION = 64  # larger toy images make a CPU step take minutes (pixel space): refused
+# How toy images are drawn (toy_images). The toy set trains on TOY_STYLE, the style the toy target encoder is
+# trained on; the others stay reachable for the pilots of experiments/toy/pilots.md.
+#   size: half-size range as a fraction of R; snap: shape boxes start on this pixel grid (0: anywhere; a grid
+#   coarser than the free room leaves one, centred position); bright / bg: colour and grey background levels;
+#   noise: std of the grey pixel noise.
+TOY_STYLES = {
+    # one size, centred, flat background: 12 distinct images that a SiT-T learns to draw within the smoke budget
+    "centred": dict(size=(0.3, 0.3), snap=64, bright=(1.0, 1.0), bg=(0.2, 0.2), noise=0.0),
+    # the toy set up to this version: random size, position, brightness, background level and pixel noise
+    "varied": dict(size=(0.22, 0.34), snap=0, bright=(0.8, 1.1), bg=(0.05, 0.35), noise=0.03),
+    # 8 px shapes (at 16 px) on the 4 px patch grid (3 x 3 positions) / on the 8 px grid (2 x 2), flat background
+    "grid": dict(size=(0.25, 0.25), snap=4, bright=(1.0, 1.0), bg=(0.2, 0.2), noise=0.0),
+    "grid8": dict(size=(0.25, 0.25), snap=8, bright=(1.0, 1.0), bg=(0.2, 0.2), noise=0.0),
+}
+TOY_STYLE = encoders.TOY_TRAIN["style"]
+PROTOTYPE_STYLE = "varied"  # the metric's class prototypes: one fixed metric, whatever style a model was trained on
 
 
 def toy_class_name(label):
     return f'{list(TOY_COLORS)[label % len(TOY_COLORS)]} {TOY_SHAPES[label // len(TOY_COLORS)]}'
 
 
-def toy_images(indices, resolution=32, seed=0):
-    """Render toy items: (uint8 [N, 3, R, R], labels int64 [N]). Deterministic in (seed, index).
+def toy_images(indices, resolution=32, seed=0, style=TOY_STYLE):
+    """Render toy items: (uint8 [N, 3, R, R], labels int64 [N]). Deterministic in (seed, index, style).
 
-    Item i has class i % TOY_NUM_CLASSES: a coloured shape (square, disk, triangle, plus x red, green, blue)
-    with random size (22-34% of R as half-size), position and brightness, anti-aliased (4x4 supersampling), on a
-    grey background of random level with grey pixel noise (grey keeps the shape the only saturated region).
+    Item i has class i % TOY_NUM_CLASSES: a coloured shape (square, disk, triangle, plus x red, green, blue),
+    anti-aliased (4x4 supersampling), on a grey background (grey keeps the shape the only saturated region). Its
+    size, position, brightness, background level and pixel noise are drawn as TOY_STYLES[style] says: 'centred'
+    (the toy set's) fixes all of them, 'varied' draws them at random.
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     n, R, ss = len(indices), resolution, 4
     labels = indices % TOY_NUM_CLASSES
+    st = TOY_STYLES[style]
     params = np.empty((n, 5))
     for k, i in enumerate(indices):  # a few scalars per item from its own stream: (seed, index) -> item
         r = np.random.default_rng([seed, int(i)])
-        half = r.uniform(0.22, 0.34) * R
-        params[k] = [half, r.uniform(half + 0.5, R - half - 0.5), r.uniform(half + 0.5, R - half - 0.5),
-                     r.uniform(0.8, 1.1), r.uniform(0.05, 0.35)]
+        half = r.uniform(*st["size"]) * R
+        if st["snap"]:
+            slots = int((R - 2 * half) // st["snap"]) + 1
+            cx, cy = (half + st["snap"] * r.integers(0, slots, 2)) if slots > 1 else (R / 2, R / 2)
+        else:
+            cx, cy = r.uniform(half + 0.5, R - half - 0.5), r.uniform(half + 0.5, R - half - 0.5)
+        params[k] = [half, cx, cy, r.uniform(*st["bright"]), r.uniform(*st["bg"])]
     half, cx, cy, bright, bg = (params[:, j, None, None] for j in range(5))
     g = (np.arange(R * ss) + 0.5) / ss  # supersampled pixel centres
     u = (g[None, None, :] - cx) / half  # [N, 1, R*ss], x to the right
@@ -71,7 +95,7 @@ def toy_images(indices, resolution=32, seed=0):
                       ((au <= 0.3) & (av <= 1)) | ((av <= 0.3) & (au <= 1)))))
     cover = inside.reshape(n, R, ss, R, ss).mean(axis=(2, 4))[:, None]  # [N, 1, R, R] coverage in [0, 1]
     color = np.array(list(TOY_COLORS.values()))[labels % len(TOY_COLORS)] * bright[:, :, 0]  # [N, 3]
-    noise = np.stack([np.random.default_rng([seed, int(i), 1]).normal(0, 0.03, (R, R)) for i in indices])
+    noise = np.stack([np.random.default_rng([seed, int(i), 1]).normal(0, st['noise'], (R, R)) for i in indices])
     backdrop = bg[:, :, :, None] + noise[:, None]  # same noise in all channels: grey
     img = backdrop * (1 - cover) + color[:, :, None, None] * cover
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8), labels
@@ -88,17 +112,18 @@ class ToyDataset(torch.utils.data.Dataset):
     num_classes = TOY_NUM_CLASSES
     latent_channels = 3
 
-    def __init__(self, num_samples=10000, resolution=32, seed=0):
+    def __init__(self, num_samples=10000, resolution=TOY_RESOLUTION, seed=0, style=TOY_STYLE):
         if num_samples < 1 or resolution < 8:
             raise UsageError(f'ToyDataset needs num_samples >= 1 and resolution >= 8, got {num_samples}, {resolution}')
         self.num_samples, self.resolution, self.latent_size, self.seed = num_samples, resolution, resolution, seed
+        self.style = style
         self.labels = np.arange(num_samples) % TOY_NUM_CLASSES
 
     def __len__(self):
         return self.num_samples
 
     def __getitem__(self, idx):
-        img, label = toy_images([idx], self.resolution, self.seed)
+        img, label = toy_images([idx], self.resolution, self.seed, self.style)
         image = torch.from_numpy(img[0])
         x = image.float() * (2 / 255) - 1
         return image, torch.cat([x, torch.zeros_like(x)]), int(label[0])
@@ -141,7 +166,7 @@ _TOY_PROTOTYPES = {}
 def _toy_prototypes(resolution):
     """Class means of the descriptor over 48 real toy images per class (held-out seed), cached per resolution."""
     if resolution not in _TOY_PROTOTYPES:
-        imgs, labels = toy_images(np.arange(48 * TOY_NUM_CLASSES), resolution, seed=1234567)
+        imgs, labels = toy_images(np.arange(48 * TOY_NUM_CLASSES), resolution, seed=1234567, style=PROTOTYPE_STYLE)
         col, shape = _toy_features(imgs)
         onehot = F.one_hot(torch.as_tensor(labels), TOY_NUM_CLASSES).float()
         cnt = onehot.sum(0)[:, None]
@@ -234,7 +259,8 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, log=pri
         torch.manual_seed(t["seed"])
         vit = timm.create_model(cfg["timm"], pretrained=False, num_classes=0, img_size=resolution, **cfg["kwargs"])
         head = torch.nn.Linear(vit.embed_dim, TOY_NUM_CLASSES)
-        images, labels = toy_images(np.arange(t["num_images"] + 1200), resolution, seed=t["data_seed"])
+        images, labels = toy_images(np.arange(t["num_images"] + 1200), resolution, seed=t["data_seed"],
+                                    style=t["style"])
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         prep = TargetEncoder("toy-vit", vit, grid_size).preprocess  # the normalization the frozen encoder uses
         vit.requires_grad_(True)  # TargetEncoder froze it
@@ -368,6 +394,30 @@ def run_training(flags):
                          f"rerun the same command to continue: finished runs are kept")
 
 
+def check_finished_run(done, flags):
+    """A finished run is reused only if it was trained with the same train.py flags; another configuration is
+    refused, naming the flags that differ (its results would be mixed into this table)."""
+    with open(done) as f:
+        old = json.load(f).get("flags")
+    if old is not None and old != flags:
+        def pairs(fl):  # "--name value" -> {name: value}; a bare flag -> True
+            out, k = {}, None
+            for a in fl:
+                if a.startswith("--"):
+                    k, _, v = a.partition("=")
+                    out[k] = v or True
+                elif k is not None:
+                    out[k] = a
+            return out
+        a, b = pairs(old), pairs(flags)
+        diff = [f"{k}: {a.get(k)!r} (finished run) vs {b.get(k)!r} (now)" for k in sorted(a.keys() | b.keys())
+                if a.get(k) != b.get(k) and k != "--output-dir"]  # where the folder is reached from is no setting
+        if not diff:
+            return
+        raise UsageError(f"{os.path.dirname(done)} holds a finished run of another configuration ({'; '.join(diff)}); "
+                         f"pass the same flags, another --output-dir, or delete that run to retrain it")
+
+
 def experiment_main(argv=None):
     p = argparse.ArgumentParser(
         prog="toy.py experiment", allow_abbrev=False,
@@ -377,9 +427,10 @@ def experiment_main(argv=None):
                     "go to train.py.")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--output-dir", default="results/toy-experiment")
-    p.add_argument("--eval-every", type=int, default=None, help="training steps between evaluations "
-                                                                "(default: the preset's --sample-every)")
+    p.add_argument("--output-dir", default="experiments/toy",
+                   help="one folder per run; metrics, args, logs and grids are small and meant to be committed")
+    p.add_argument("--eval-every", type=int, default=100, help="training steps between evaluations (the smoke "
+                                                               "preset's own --sample-every is 200)")
     a, extra = p.parse_known_args(argv)
     curves = {}
     t0 = time.time()
@@ -389,10 +440,13 @@ def experiment_main(argv=None):
             exp_dir = os.path.join(a.output_dir, name)
             flags = [f"--smoke={method}", "--seed", str(seed), "--output-dir", a.output_dir, "--exp-name", name,
                      *(["--sample-every", str(a.eval_every)] if a.eval_every else []), *extra]
-            if not os.path.isfile(os.path.join(exp_dir, "done.json")):
+            done = os.path.join(exp_dir, "done.json")
+            if os.path.isfile(done):
+                check_finished_run(done, flags)
+            else:
                 print(f"=== {name}: python train.py {' '.join(flags)}", flush=True)
                 run_training(flags)
-                write_atomic(os.path.join(exp_dir, "done.json"), b"{}\n")
+                write_atomic(done, json.dumps({"flags": flags}, indent=1).encode())
             curves[(method, seed)] = read_curve(exp_dir)
     print(f"experiment finished in {time.time() - t0:.0f} s", flush=True)
     return summarize(curves, a.methods, a.seeds, a.output_dir)
@@ -421,6 +475,8 @@ def summarize(curves, methods, seeds, out_dir):
             f"colour right) of 64 EMA samples per evaluation" +
             (f"; SiT's final mean joint accuracy: {mean_final_sit:.3f}" if mean_final_sit is not None else ""))
     text = "\n".join(lines) + "\n\n" + note + "\n"
+    if mean_final_sit is not None:
+        text += "\n" + speedup_table(curves, methods, seeds, [0.3, 0.5, 0.7, 0.9, mean_final_sit]) + "\n"
     print(text, flush=True)
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, "table.md"), text.encode())
@@ -428,8 +484,65 @@ def summarize(curves, methods, seeds, out_dir):
         {f"{m}-seed{s}": curves[(m, s)] for m in methods for s in seeds}).encode())
     plot_lines(os.path.join(out_dir, "joint_accuracy.png"), series, title="toy set: joint accuracy of EMA samples "
                "(band: min..max over seeds)", xlabel="training step", ylabel="joint accuracy", ylim=(0, 1))
-    print(f"wrote {os.path.join(out_dir, 'table.md')} and {os.path.join(out_dir, 'joint_accuracy.png')}")
+    samples_figure(out_dir, methods, seeds[0], steps)
+    print(f"wrote {os.path.join(out_dir, 'table.md')}, {os.path.join(out_dir, 'joint_accuracy.png')} and "
+          f"{os.path.join(out_dir, 'samples.png')}")
     return text
+
+
+def speedup_table(curves, methods, seeds, levels):
+    """The papers' form of the claim: per quality level, the step at which each method first reaches it (mean ±
+    half the min-max spread over the seeds that reach it) and SiT's mean steps divided by the method's."""
+    name = {m: m.upper() if m != "sit" else "SiT" for m in methods}
+    lines = ["| joint accuracy reached | " + " | ".join(f"{name[m]}: step" for m in methods)
+             + "".join(f" | speed-up of {name[m]}" for m in methods if m != "sit") + " |",
+             "|---|" + "---|" * (len(methods) + sum(m != "sit" for m in methods))]
+    for level in levels:
+        mean = {}
+        cells = []
+        for m in methods:
+            reached = [st for s in seeds if (st := steps_to_reach(curves[(m, s)], level)) is not None]
+            if len(reached) == len(seeds):
+                mean[m] = float(np.mean(reached))
+                cells.append(f"{mean[m]:.0f} ± {(max(reached) - min(reached)) / 2:.0f}")
+            else:
+                cells.append(f"never in {len(seeds) - len(reached)} of {len(seeds)} seeds")
+        ups = [f"{mean['sit'] / mean[m]:.2f}x" if "sit" in mean and m in mean else "–" for m in methods if m != "sit"]
+        lines.append(f"| {level:.3f} | " + " | ".join(cells + ups) + " |")
+    return "\n".join(lines)
+
+
+def samples_figure(out_dir, methods, seed, steps):
+    """samples.png: the first row of each run's EMA grid (same noise and labels for every method of one seed),
+    one row per method, one column per evaluated step, like REPA's Fig. 4. Skipped where a grid is missing."""
+    tiles = {}
+    for m in methods:
+        run = os.path.join(out_dir, f"{m}-seed{seed}")
+        for st in steps:
+            path = os.path.join(run, "samples", f"{st:07d}.png")
+            if os.path.isfile(path):
+                with open(os.path.join(run, "args.json")) as f:
+                    res = int(json.load(f)["resolution"])
+                with Image.open(path) as im:  # the grid's first row: 2 px of padding, the images, 2 px below
+                    tiles[(m, st)] = im.convert("RGB").crop((0, 0, im.width, res + 4))
+    if not tiles:
+        return
+    tw, th = next(iter(tiles.values())).size
+    scale, left, top = 3, 60, 22
+    fig = Image.new("RGB", (left + len(steps) * (tw * scale + 8), top + len(methods) * (th * scale + 8)), "white")
+    d = ImageDraw.Draw(fig)
+    for j, st in enumerate(steps):
+        d.text((left + j * (tw * scale + 8) + tw * scale // 2, 6), f"step {st}", fill="black", anchor="mt")
+    for i, m in enumerate(methods):
+        y = top + i * (th * scale + 8)
+        d.text((6, y + th * scale // 2), m.upper() if m != "sit" else "SiT", fill="black", anchor="lm")
+        for j, st in enumerate(steps):
+            if (m, st) in tiles:
+                fig.paste(tiles[(m, st)].resize((tw * scale, th * scale), Image.NEAREST),
+                          (left + j * (tw * scale + 8), y))
+    buf = io.BytesIO()
+    fig.save(buf, format="PNG")
+    write_atomic(os.path.join(out_dir, "samples.png"), buf.getvalue())
 
 
 def main(argv=None):

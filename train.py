@@ -355,16 +355,17 @@ REG_BETA = 0.03
 METHOD_DEFAULTS = {"repa": dict(max_train_steps=400_000, checkpointing_steps=50_000),
                    "reg": dict(max_train_steps=1_000_000, checkpointing_steps=10_000)}
 
-# The smoke preset: a tiny SiT on the 16px toy dataset, CPU, offline, a few minutes on 2 cores. The target encoder
-# is `toy-vit`, a small ViT trained on the toy shapes by toy.train_toy_encoder on first use (cached), so that
-# alignment has features worth aligning to. Tuned for speed, not faithfulness: a 512-wide projector (the recipe's
-# 2048 would dominate the FLOPs of SiT-T), lr 1e-3, batch 32, EMA 0.99 (0.9999 would average over far more steps
-# than the run has), guided grids (CFG 2), fp32 (bf16 autocast made SiT-T/4 7x slower on our CPU: 2.9 vs 20 img/s).
-# `--smoke METHOD` picks the method (SMOKE_METHODS; default reg).
+# The smoke preset: a tiny SiT on the 16 px toy set (one centred shape per class, toy.TOY_STYLES), CPU, offline,
+# under 3 minutes on 2 cores. The target encoder is `toy-vit`, a small ViT trained on the toy shapes by
+# toy.train_toy_encoder on first use (cached), so that alignment has features worth aligning to. Tuned for speed,
+# not faithfulness (experiments/toy/pilots.md): a 512-wide projector (the recipe's 2048 would dominate the FLOPs
+# of SiT-T), lr 3e-3, batch 32, 400 steps, EMA 0.98 (0.9999 would average over far more steps than the run has;
+# 0.99 lags the fast-moving weights of so short a run), two guided grids (CFG 2; each costs ~10 s), fp32 (bf16 autocast made SiT-T/4 7x
+# slower on our CPU: 2.9 vs 20 img/s). `--smoke METHOD` picks the method (SMOKE_METHODS; default reg).
 SMOKE = dict(
     model="SiT-T/4", data_dir="toy", resolution=16, enc_type="toy-vit", projector_dim=512,
-    batch_size=32, learning_rate=1e-3, ema_decay=0.99, max_train_steps=1600,
-    checkpointing_steps=400, sample_every=200, log_every=100, num_sample_images=64, sample_steps=25,
+    batch_size=32, learning_rate=3e-3, ema_decay=0.98, max_train_steps=400,
+    checkpointing_steps=200, sample_every=200, log_every=50, num_sample_images=64, sample_steps=25,
     sample_cfg_scale=2.0, num_workers=0, mixed_precision="no", device="cpu",
 )
 SMOKE_METHODS = {"sit": dict(reg=False, proj_coeff=0.0, enc_type="none"), "repa": dict(reg=False),
@@ -422,7 +423,8 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="ImageNet folder preprocessed by data.py, or 'toy'")
     g.add_argument("--data-path", action=RefusedFlag, help="use --data-dir (the flag the released train.py reads)")
-    g.add_argument("--resolution", type=int, default=256)
+    g.add_argument("--resolution", type=int, default=None,
+                   help=f"image size in pixels (default: 256; {toy.TOY_RESOLUTION} for --data-dir toy)")
     g.add_argument("--batch-size", type=int, default=256,
                    help="global batch of one optimizer step over all ranks (with --gradient-accumulation-steps K: "
                         "of one accumulation step, as in the released train.py, so the step sees K x this)")
@@ -514,6 +516,13 @@ def check_args(args, world_size):
         raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(SiT_models)}")
     check_released_flags(args)
     check_numbers(args)
+    if args.resolution is None:  # the toy set renders at any size; its own default keeps a CPU step fast
+        args.resolution = toy.TOY_RESOLUTION if args.data_dir == "toy" else 256
+    if args.data_dir == "toy" and args.resolution > toy.MAX_TOY_RESOLUTION:
+        raise UsageError(f"--resolution {args.resolution} with --data-dir toy: the toy set is trained in pixel space, "
+                         f"so a step costs (resolution / patch)^2 tokens and takes minutes on a CPU above "
+                         f"{toy.MAX_TOY_RESOLUTION} px; use --resolution {toy.TOY_RESOLUTION} (the default) or at most "
+                         f"{toy.MAX_TOY_RESOLUTION}")
     if args.num_workers is None:
         args.num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if args.reg and args.enc_type == "none":

@@ -424,8 +424,11 @@ def test_toy_dataset_items():
     torch.testing.assert_close(moments[:3], image.float() * 2 / 255 - 1)
     assert moments.shape == (6, 32, 32) and moments[3:].abs().max() == 0
     assert torch.equal(ToyDataset(100, 32, seed=0)[17][0], image)  # deterministic from (seed, index)
-    assert not torch.equal(ToyDataset(100, 32, seed=1)[17][0], image)
-    same_class = [ds[17 + k * TOY_NUM_CLASSES][0].float() for k in range(3)]
+    same_class = [ds[17 + k * TOY_NUM_CLASSES][0] for k in range(3)]
+    assert ds.style == "centred" and torch.equal(same_class[0], same_class[1])  # one image per class
+    varied = ToyDataset(100, 32, seed=0, style="varied")
+    assert not torch.equal(ToyDataset(100, 32, seed=1, style="varied")[17][0], varied[17][0])
+    same_class = [varied[17 + k * TOY_NUM_CLASSES][0].float() for k in range(3)]
     assert (same_class[0] - same_class[1]).abs().mean() > 5  # within-class variation
 
 

@@ -145,7 +145,7 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
              "--enc-type", "tiny-vit", "--projector-dim", "32", "--toy-samples", "16", "--batch-size", "8",
              "--max-train-steps", "4", "--num-sample-images", "4", "--sample-steps", "2"]
     text = toy.experiment_main(flags)
-    assert sorted(os.listdir(out)) == sorted(["curves.json", "joint_accuracy.png", "table.md"] +
+    assert sorted(os.listdir(out)) == sorted(["curves.json", "joint_accuracy.png", "samples.png", "table.md"] +
                                              [f"{m}-seed{s}" for m in ("sit", "repa", "reg") for s in (0, 1)])
     curves = json.load(open(out / "curves.json"))
     assert all([s for s, _ in c] == [2, 4] for c in curves.values()) and len(curves) == 6
@@ -153,10 +153,15 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     assert [args[m]["method"] for m in ("sit", "repa", "reg")] == ["sit", "repa", "reg"]
     assert {(a["seed"], a["batch_size"], a["max_train_steps"]) for a in args.values()} == {(1, 8, 4)}  # same budget
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| SiT", "| REPA", "| REG"] and "step 4" in rows[0]
+    assert [r.split(" | ")[0] for r in rows[1:4]] == ["| SiT", "| REPA", "| REG"] and "step 4" in rows[0]
+    fig = np.asarray(Image.open(out / "samples.png"))  # 3 methods x 2 steps of grid rows, 3x enlarged
+    assert fig.shape[0] > 3 * 3 * (16 + 4) and fig.shape[1] > 2 * 3 * 2 * 18
     # finished runs are reused: a second call trains nothing
     monkeypatch.setattr(toy, "run_training", lambda *a, **k: pytest.fail("retrained a finished run"))
     assert toy.experiment_main(flags) == text
+    other = [("8" if f == "4" else f) for f in flags]  # --max-train-steps 8: another configuration
+    with pytest.raises(UsageError, match=r"finished run of another configuration \(--max-train-steps: '4'"):
+        toy.experiment_main(other)
     with pytest.raises(SystemExit):
         toy.experiment_main(["--methods", "dit"])
     assert "--methods" in capsys.readouterr().err
@@ -169,3 +174,8 @@ def test_summary_table_means_spreads_and_steps_to_sits_final(tmp_path):
     assert rows[2] == "| SiT | 0.300 ± 0.100 | 0.500 ± 0.100 | never, 4 |"  # seed 0 ends at 0.4 < 0.5
     assert rows[3] == "| REPA | 0.450 ± 0.150 | 0.700 ± 0.200 | 2, 4 |"
     assert "0.500" in rows[5] and (tmp_path / "joint_accuracy.png").is_file()
+    # the papers' form of the claim: the step each method first reaches a level, and SiT's steps over its steps
+    table = toy.speedup_table(curves, ["sit", "repa"], [0, 1], [0.3, 0.5, 0.7]).splitlines()
+    assert table[2] == "| 0.300 | 3 ± 1 | 2 ± 0 | 1.50x |"  # SiT: steps 4 and 2; REPA: 2 and 2
+    assert table[3] == "| 0.500 | never in 1 of 2 seeds | 3 ± 1 | – |"
+    assert table[4] == "| 0.700 | never in 2 of 2 seeds | never in 1 of 2 seeds | – |"
