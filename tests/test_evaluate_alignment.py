@@ -179,3 +179,30 @@ def test_summary_table_means_spreads_and_steps_to_sits_final(tmp_path):
     assert table[2] == "| 0.300 | 3 ± 1 | 2 ± 0 | 1.50x |"  # SiT: steps 4 and 2; REPA: 2 and 2
     assert table[3] == "| 0.500 | never in 1 of 2 seeds | 3 ± 1 | – |"
     assert table[4] == "| 0.700 | never in 2 of 2 seeds | never in 1 of 2 seeds | – |"
+
+
+def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeypatch):
+    # what a fresh clone holds: experiments/toy/<method>-seed<seed>/ with metrics.jsonl, args.json, samples and
+    # done.json (the flags of the run), no checkpoints
+    out = tmp_path / "toy"
+    for method, acc in (("sit", [0.2, 0.6]), ("reg", [0.5, 0.9])):
+        run = out / f"{method}-seed0"
+        (run / "samples").mkdir(parents=True)
+        flags = [f"--smoke={method}", "--seed", "0", "--output-dir", str(out), "--exp-name", f"{method}-seed0",
+                 "--sample-every", "100"]
+        (run / "done.json").write_text(json.dumps({"flags": flags}))
+        (run / "args.json").write_text(json.dumps({"resolution": 16}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "toy_joint": a}) + "\n"
+                                                   for s, a in zip((100, 200), acc)))
+        Image.new("RGB", (146, 146)).save(run / "samples" / "0000200.png")
+    monkeypatch.setattr(toy, "run_training", lambda *a, **k: pytest.fail("retrained a committed run"))
+    text = toy.experiment_main(["--methods", "sit", "reg", "--seeds", "0", "--output-dir", str(out)])
+    assert "| REG | 0.500 ± 0.000 | 0.900 ± 0.000 | 200 |" in text  # reaches SiT's final 0.6 at step 200
+    assert "| 0.300 | 200 ± 0 | 100 ± 0 | 2.00x |" in text and "| 0.600 | 200 ± 0 | 200 ± 0 | 1.00x |" in text
+    assert (out / "samples.png").is_file()
+    with pytest.raises(UsageError, match=r"another configuration \(--seed: '0' \(finished run\) vs '1'"):
+        (out / "sit-seed1").mkdir()
+        flags = ["--smoke=sit", "--seed", "0", "--output-dir", "elsewhere", "--exp-name", "sit-seed1",
+                 "--sample-every", "100"]  # a run of seed 0 under seed 1's name; where it was run from is no setting
+        (out / "sit-seed1" / "done.json").write_text(json.dumps({"flags": flags}))
+        toy.experiment_main(["--methods", "sit", "--seeds", "1", "--output-dir", str(out)])
