@@ -394,26 +394,30 @@ def run_training(flags):
                          f"rerun the same command to continue: finished runs are kept")
 
 
+def flag_values(flags):
+    """train.py flags as {name: value}: `--name value` and `--name=value`; a bare flag is True."""
+    out, name = {}, None
+    for f in flags:
+        if f.startswith("--"):
+            name, _, value = f.partition("=")
+            out[name] = value or True
+        elif name is not None:
+            out[name] = f
+    return out
+
+
 def check_finished_run(done, flags):
     """A finished run is reused only if it was trained with the same train.py flags; another configuration is
-    refused, naming the flags that differ (its results would be mixed into this table)."""
+    refused, naming the flags that differ (its results would be mixed into this table). Where the folder is
+    reached from (--output-dir) is no setting."""
     with open(done) as f:
         old = json.load(f).get("flags")
-    if old is not None and old != flags:
-        def pairs(fl):  # "--name value" -> {name: value}; a bare flag -> True
-            out, k = {}, None
-            for a in fl:
-                if a.startswith("--"):
-                    k, _, v = a.partition("=")
-                    out[k] = v or True
-                elif k is not None:
-                    out[k] = a
-            return out
-        a, b = pairs(old), pairs(flags)
-        diff = [f"{k}: {a.get(k)!r} (finished run) vs {b.get(k)!r} (now)" for k in sorted(a.keys() | b.keys())
-                if a.get(k) != b.get(k) and k != "--output-dir"]  # where the folder is reached from is no setting
-        if not diff:
-            return
+    if old is None or old == flags:
+        return
+    a, b = flag_values(old), flag_values(flags)
+    diff = [f"{k}: {a.get(k)!r} (finished run) vs {b.get(k)!r} (now)" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k != "--output-dir"]
+    if diff:
         raise UsageError(f"{os.path.dirname(done)} holds a finished run of another configuration ({'; '.join(diff)}); "
                          f"pass the same flags, another --output-dir, or delete that run to retrain it")
 
