@@ -38,7 +38,7 @@ TOY_SHAPES = ('square', 'disk', 'triangle', 'plus')
 TOY_COLORS = {'red': (0.86, 0.14, 0.12), 'green': (0.12, 0.74, 0.22), 'blue': (0.16, 0.28, 0.92)}
 TOY_NUM_CLASSES = len(TOY_SHAPES) * len(TOY_COLORS)  # class = shape_index * 3 + color_index
 TOY_RESOLUTION = 32  # what --data-dir toy renders unless --resolution says otherwise
-MAX_TOY_RESOLUTION = 64  # larger toy images make a CPU step take minutes (pixel space): refused
+MAX_TOY_RESOLUTION = 64  # larger toy images make a CPU step take minutes (pixel space): train.py warns
 # How toy images are drawn (toy_images). The toy set trains on TOY_STYLE, the style the toy target encoder is
 # trained on; the others stay reachable for the pilots of experiments/toy/pilots.md.
 #   size: half-size range as a fraction of R; snap: shape boxes start on this pixel grid (0: anywhere; a grid

@@ -424,7 +424,8 @@ def build_parser():
     g.add_argument("--data-dir", default=None, help="ImageNet folder preprocessed by data.py, or 'toy'")
     g.add_argument("--data-path", action=RefusedFlag, help="use --data-dir (the flag the released train.py reads)")
     g.add_argument("--resolution", type=int, default=None,
-                   help=f"image size in pixels (default: 256; {toy.TOY_RESOLUTION} for --data-dir toy)")
+                   help=f"image size in pixels (default: 256; {toy.TOY_RESOLUTION} for --data-dir toy, which warns above "
+                        f"{toy.MAX_TOY_RESOLUTION})")
     g.add_argument("--batch-size", type=int, default=256,
                    help="global batch of one optimizer step over all ranks (with --gradient-accumulation-steps K: "
                         "of one accumulation step, as in the released train.py, so the step sees K x this)")
@@ -493,6 +494,8 @@ def parse_args(argv=None):
         method = "repa" if pre.repa and pre.smoke == "reg" else pre.smoke  # `--smoke --repa` means REPA
         parser.set_defaults(**{**SMOKE, **SMOKE_METHODS[method], "exp_name": f"smoke-{method}"})
     args = parser.parse_args(argv)
+    if args.resolution is None:  # the toy set renders at any size; its own default keeps a CPU step fast
+        args.resolution = toy.TOY_RESOLUTION if args.data_dir == "toy" else 256
     if args.cls is not None:
         args.reg = True
     args.cls = REG_BETA if args.cls is None else args.cls
@@ -516,13 +519,10 @@ def check_args(args, world_size):
         raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(SiT_models)}")
     check_released_flags(args)
     check_numbers(args)
-    if args.resolution is None:  # the toy set renders at any size; its own default keeps a CPU step fast
-        args.resolution = toy.TOY_RESOLUTION if args.data_dir == "toy" else 256
     if args.data_dir == "toy" and args.resolution > toy.MAX_TOY_RESOLUTION:
-        raise UsageError(f"--resolution {args.resolution} with --data-dir toy: the toy set is trained in pixel space, "
-                         f"so a step costs (resolution / patch)^2 tokens and takes minutes on a CPU above "
-                         f"{toy.MAX_TOY_RESOLUTION} px; use --resolution {toy.TOY_RESOLUTION} (the default) or at most "
-                         f"{toy.MAX_TOY_RESOLUTION}")
+        print(f"train.py: warning: --resolution {args.resolution} with --data-dir toy: the toy set is trained in pixel "
+              f"space, so a step costs (resolution / patch)^2 tokens and takes minutes on a CPU above "
+              f"{toy.MAX_TOY_RESOLUTION} px; its default is {toy.TOY_RESOLUTION}", file=sys.stderr, flush=True)
     if args.num_workers is None:
         args.num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if args.reg and args.enc_type == "none":
