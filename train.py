@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader
 import data
 import encoders as encoders_module
 import toy
-from encoders import VAE_SCALE
 from checkpoints import load_resume, restore, seed_everything, seed_rank, save_training_state, set_optimizer_flags
+from encoders import VAE_SCALE
 from losses import compute_loss, repa_targets
 from model import SiT_models, default_encoder_depth
 from monitor import (STATS, BenchmarkTimer, Logger, Meter, StopSignal, check_finite, device_peak_tflops,
