@@ -533,11 +533,11 @@ class SyntheticBatches:
         return self.batch
 
 
-def build_dataset(data_dir, resolution=256, toy_samples=10000, seed=0):
+def build_dataset(data_dir, resolution=256, toy_samples=10000, seed=0, toy_style=None):
     """`data_dir` == 'toy' -> ToyDataset(toy_samples, resolution, seed); else ImageLatentDataset(data_dir),
     checked against `resolution`. Errors (UsageError) say how to make the data."""
     if data_dir == 'toy':
-        return ToyDataset(toy_samples, resolution, seed)
+        return ToyDataset(toy_samples, resolution, seed, **({"style": toy_style} if toy_style else {}))
     if not os.path.isdir(data_dir):
         raise UsageError(f'data dir {data_dir!r} does not exist. Preprocess ImageNet into it with\n'
                         f'  python data.py --source IMAGENET/train --dest {data_dir} --resolution {resolution}\n'

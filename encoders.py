@@ -93,7 +93,9 @@ ENCODERS = {
     # Small random ViT for tests and benchmarks; never pretrained.
     "tiny-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TINY, hub=False, random_only=True),
     # Small ViT trained by this project on the toy shapes (toy.train_toy_encoder), cached on first use; toy data only.
-    "toy-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy=True),
+    "toy-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="class"),
+    # The same, trained to say also where in the shape each patch is (toy.train_toy_encoder, objective "dense").
+    "toy-vit-dense": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="dense"),
 }
 _BY_LOWER = {k.lower(): k for k in ENCODERS}
 # The released code spells DINOv2 with registers `dinov2reg-vit-b` (its loader reads the type from the first word).
@@ -276,8 +278,9 @@ def cached_hub_file(repo_id, filenames, subfolder=None):
     return None
 
 
-def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, **timm_kwargs):
-    """One target encoder by its REPA name; weights from the hub (timm), `enc_path`, or random (seeded)."""
+def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, toy_style=None, **timm_kwargs):
+    """One target encoder by its REPA name; weights from the hub (timm), `enc_path`, or random (seeded).
+    toy_style: for the toy encoders, the toy style whose cached file to read (default TOY_TRAIN's)."""
     import timm
     key = canonical_name(name)
     cfg = ENCODERS[key]
@@ -286,7 +289,7 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, **t
     kwargs.update(num_classes=0, img_size=grid_size * patch)  # pos_embed built for (and resampled to) this grid
     random_init = random_init or cfg.get("random_only", False)
     if cfg.get("toy") and not random_init and not enc_path:
-        enc_path = toy_encoder_path(grid_size)
+        enc_path = toy_encoder_path(grid_size, cfg["toy"], toy_style)
         if not os.path.isfile(enc_path):
             raise MissingFileError(f"the toy target encoder is not trained yet ({enc_path}); train.py and "
                                    f"evaluate.py make it on first use (toy.ensure_toy_encoder)")
@@ -329,11 +332,13 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, **t
                          final_norm=cfg.get("final_norm", True))
 
 
-def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=None, random_init=False):
+def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=None, random_init=False,
+                  toy_style=None):
     """Frozen target encoders for REPA / REG, one per comma-separated name in `enc_type`.
 
     grid_size: the SiT token grid (model.grid_size); default resolution // 16 (SiT-*/2 on 8x-downsampled latents).
     enc_path: local weight file, or comma-separated files in the order of the names (an empty entry = hub).
+    toy_style: the toy style the toy encoders (toy-vit, toy-vit-dense) were trained on (default TOY_TRAIN's).
     Returns a list of TargetEncoder; enc(images uint8 [N,3,H,W]) -> (cls [N,D], patches [N, grid_size**2, D]).
     """
     names = [n for n in enc_type.split(",") if n.strip()]
@@ -344,7 +349,8 @@ def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=Non
     if len(paths) != len(names):
         raise UsageError(f"enc_path lists {len(paths)} files for {len(names)} encoders ({enc_type}); give one per "
                          f"encoder, comma-separated, leaving an entry empty to use the hub weights")
-    return [build_encoder(n, grid_size, enc_path=p.strip() or None, random_init=random_init).to(device)
+    return [build_encoder(n, grid_size, enc_path=p.strip() or None, random_init=random_init,
+                          toy_style=toy_style).to(device)
             for n, p in zip(names, paths)]
 
 
@@ -354,16 +360,21 @@ def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=Non
 # ------------------------------------------------------------------------------------------------------------------
 
 TOY_TRAIN = dict(steps=150, batch_size=128, lr=2e-3, weight_decay=0.05, num_images=24000, data_seed=1001, seed=0,
-                 style="centred")  # style: how its toy images are drawn (toy.TOY_STYLES), the toy set's style
+                 style="centred")  # style: the toy set's default style (toy.TOY_STYLES); train.py --toy-style picks
+# another, and each style gets its own encoder file (trained on that style)
 
 
-def toy_encoder_path(grid_size):
-    """Cache file of the toy encoder for a token grid: $REPA_REG_CACHE, else $XDG_CACHE_HOME/repa-reg, else
-    ~/.cache/repa-reg; the name carries the grid and the training settings, so a change trains a new file."""
+TOY_OBJECTIVES = {"class": "toy-vit", "dense": "toy-vit-dense"}  # toy.train_toy_encoder's objectives
+
+
+def toy_encoder_path(grid_size, objective="class", style=None):
+    """Cache file of a toy encoder for a token grid: $REPA_REG_CACHE, else $XDG_CACHE_HOME/repa-reg, else
+    ~/.cache/repa-reg; the name carries the objective, the grid and the training settings, so a change trains a
+    new file."""
     root = os.environ.get("REPA_REG_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "repa-reg")
     t = TOY_TRAIN
-    return os.path.join(root, f"toy-vit-{t['style']}-grid{grid_size}-d{TOY_DIM}-s{t['steps']}-b{t['batch_size']}-"
+    return os.path.join(root, f"{TOY_OBJECTIVES[objective]}-{style or t['style']}-grid{grid_size}-d{TOY_DIM}-s{t['steps']}-b{t['batch_size']}-"
                               f"seed{t['seed']}.safetensors")
 
 

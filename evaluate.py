@@ -645,9 +645,10 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     if not 0 <= t <= 1:
         raise UsageError(f"--t {t} must be in [0, 1] (0 = clean data, 1 = pure noise)")
     res = int(train_args["resolution"])
-    toy.ensure_toy_encoder(enc_type, model.grid_size)  # trained once, then cached
-    enc = encoders.load_encoders(enc_type, "cpu", resolution=res, grid_size=model.grid_size)[0]
-    images, labels = toy.toy_images(np.arange(num_samples), res, seed=seed + 424242)
+    style = train_args.get("toy_style") or toy.TOY_STYLE  # runs before --toy-style existed: the default style
+    toy.ensure_toy_encoder(enc_type, model.grid_size, style=style)  # trained once, then cached
+    enc = encoders.load_encoders(enc_type, "cpu", resolution=res, grid_size=model.grid_size, toy_style=style)[0]
+    images, labels = toy.toy_images(np.arange(num_samples), res, seed=seed + 424242, style=style)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     g = torch.Generator().manual_seed(seed)
     alpha, sigma, _, _ = (float(c) for c in interpolant(torch.tensor(float(t)), train_args.get("path_type", "linear")))

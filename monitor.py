@@ -176,7 +176,8 @@ def save_samples(ema, monitor, step, args, ctx, exp_dir, log):
         msg += f" | toy accuracy: joint {acc['joint']:.3f} (shape {acc['shape']:.3f}, colour {acc['colour']:.3f})"
         real_path = os.path.join(exp_dir, "samples", "real.png")
         if not os.path.exists(real_path):
-            real = toy.toy_class_examples(labels.cpu(), args.resolution)
+            real = toy.toy_class_examples(labels.cpu(), args.resolution, style=getattr(args, "toy_style",
+                                                                                        toy.TOY_STYLE))
             sample.save_grid(torch.from_numpy(real), real_path, nrow=int(math.ceil(math.sqrt(len(real)))))
     log.info(msg)
 

@@ -47,6 +47,8 @@ MAX_TOY_RESOLUTION = 64  # larger toy images make a CPU step take minutes (pixel
 TOY_STYLES = {
     # one size, centred, flat background: 12 distinct images that a SiT-T learns to draw within the smoke budget
     "centred": dict(size=(0.3, 0.3), snap=64, bright=(1.0, 1.0), bg=(0.2, 0.2), noise=0.0),
+    # centred, flat background, any size from 0.2 to 0.4 of R: within-class variation that the label does not say
+    "sizes": dict(size=(0.2, 0.4), snap=64, bright=(1.0, 1.0), bg=(0.2, 0.2), noise=0.0),
     # the toy set up to this version: random size, position, brightness, background level and pixel noise
     "varied": dict(size=(0.22, 0.34), snap=0, bright=(0.8, 1.1), bg=(0.05, 0.35), noise=0.03),
     # 8 px shapes (at 16 px) on the 4 px patch grid (3 x 3 positions) / on the 8 px grid (2 x 2), flat background
@@ -54,6 +56,7 @@ TOY_STYLES = {
     "grid8": dict(size=(0.25, 0.25), snap=8, bright=(1.0, 1.0), bg=(0.2, 0.2), noise=0.0),
 }
 TOY_STYLE = encoders.TOY_TRAIN["style"]
+EXPERIMENT_STYLE = "sizes"  # python toy.py experiment: a set where the target knows more than the label
 PROTOTYPE_STYLE = "varied"  # the metric's class prototypes: one fixed metric, whatever style a model was trained on
 
 
@@ -69,6 +72,28 @@ def toy_images(indices, resolution=32, seed=0, style=TOY_STYLE):
     size, position, brightness, background level and pixel noise are drawn as TOY_STYLES[style] says: 'centred'
     (the toy set's) fixes all of them, 'varied' draws them at random.
     """
+    img, labels, _, _ = _render(indices, resolution, seed, style)
+    return img, labels
+
+
+def toy_patch_geometry(indices, resolution=32, seed=0, style=TOY_STYLE, patch=4):
+    """What each patch of toy item i sees, from the renderer: float32 [N, T, 3], T = (R / patch)^2 in row-major
+    token order, holding (dx, dy, coverage): the offset of the patch centre from the shape's centre in units of
+    the shape's half-size (x right, y down), and the fraction of the patch the shape covers (in [0, 1])."""
+    _, _, params, cover = _render(indices, resolution, seed, style)
+    n, R = len(params), resolution
+    g = R // patch
+    centre = (np.arange(g) + 0.5) * patch
+    half, cx, cy = params[:, 0, None, None], params[:, 1, None, None], params[:, 2, None, None]
+    dx = np.broadcast_to((centre[None, None, :] - cx) / half, (n, g, g))
+    dy = np.broadcast_to((centre[None, :, None] - cy) / half, (n, g, g))
+    cov = cover[:, 0].reshape(n, g, patch, g, patch).mean(axis=(2, 4))
+    return np.stack([dx, dy, cov], -1).reshape(n, g * g, 3).astype(np.float32)
+
+
+def _render(indices, resolution, seed, style):
+    """toy_images' work: (uint8 images, labels, per-item [half, cx, cy, brightness, background] [N, 5] in pixels,
+    shape coverage of each pixel [N, 1, R, R])."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     n, R, ss = len(indices), resolution, 4
     labels = indices % TOY_NUM_CLASSES
@@ -98,7 +123,7 @@ def toy_images(indices, resolution=32, seed=0, style=TOY_STYLE):
     noise = np.stack([np.random.default_rng([seed, int(i), 1]).normal(0, st['noise'], (R, R)) for i in indices])
     backdrop = bg[:, :, :, None] + noise[:, None]  # same noise in all channels: grey
     img = backdrop * (1 - cover) + color[:, :, None, None] * cover
-    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8), labels
+    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8), labels, params, cover
 
 
 class ToyDataset(torch.utils.data.Dataset):
@@ -200,13 +225,13 @@ def toy_quality(images, labels):
     return (d.argmin(1) == labels.cpu()).float().mean().item()
 
 
-def toy_class_examples(labels, resolution=32, seed=0):
+def toy_class_examples(labels, resolution=32, seed=0, style=TOY_STYLE):
     """Real toy images of the given classes (uint8 [N, 3, R, R]), item label + 12 k for the k-th use of a label,
     to show next to a sample grid with these labels."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     onehot = labels[:, None] == np.arange(TOY_NUM_CLASSES)
     k = (np.cumsum(onehot, 0) - onehot)[np.arange(len(labels)), labels]  # earlier uses of the same label
-    return toy_images(labels + TOY_NUM_CLASSES * k, resolution, seed)[0]
+    return toy_images(labels + TOY_NUM_CLASSES * k, resolution, seed, style)[0]
 
 
 def toy_accuracy(images, labels):
@@ -235,36 +260,46 @@ def toy_accuracy(images, labels):
             'joint': (colour_ok & shape_ok).float().mean().item()}
 
 
-def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, log=print):
-    """Train the `toy-vit` target encoder on the toy shapes and save it (timm keys, .safetensors, atomically).
+def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objective="class", style=None, log=print):
+    """Train a toy target encoder on the toy shapes and save it (timm keys, .safetensors, atomically).
 
-    Supervised, on labels (shape x colour, 12 classes), with one linear head W shared by all tokens:
+    objective "class" (`toy-vit`): supervised on labels (shape x colour, 12 classes), one linear head W shared by
+    all tokens, so that the class token *and every patch token* name the shape and colour of the image (the patch
+    tokens of a plain classifier need not):
         L = CE(W cls, y) + 1/T sum_n CE(W f^[n], y)
-    so that the class token *and every patch token* name the shape and colour of the image (the patch tokens of
-    a plain classifier need not). Toy images of resolution grid_size * 4 (patch 4: one token per SiT-*/4 token),
-    rendered with their own seed (not the training set's), normalized as TargetEncoder.preprocess does.
-    AdamW, warm-up and cosine learning-rate decay, fp32 (300 steps for the 4x4 grid: 407 s single-threaded on a
-    heavily loaded 2-core machine, 0.90 held-out accuracy). Returns the held-out class-token accuracy.
+    objective "dense" (`toy-vit-dense`): the same, plus a linear head G on every patch token regressing what the
+    renderer says the patch sees (toy_patch_geometry: offset from the shape's centre in half-sizes, coverage):
+        L = CE(W cls, y) + 1/T sum_n [ CE(W f^[n], y) + ||G f^[n] - (dx_n, dy_n, cover_n)||^2 ]
+    so that patch tokens also say where in the shape they are, which the label does not (a stand-in for the
+    layout DINOv2's patch tokens carry). Toy images of resolution grid_size * 4 (patch 4: one token per SiT-*/4
+    token), rendered with their own seed (not the training set's), normalized as TargetEncoder.preprocess does.
+    AdamW, warm-up and cosine learning-rate decay, fp32. style: the toy style to train on (default TOY_TRAIN's).
+    Returns the held-out class-token accuracy.
     """
     import timm
     from safetensors.torch import save
-    from encoders import ENCODERS, TOY_TRAIN, TargetEncoder, vit_tokens
-    cfg, t = ENCODERS["toy-vit"], TOY_TRAIN
-    steps, batch_size = steps or t["steps"], batch_size or t["batch_size"]
-    resolution = grid_size * cfg["kwargs"]["patch_size"]
+    from encoders import ENCODERS, TOY_OBJECTIVES, TOY_TRAIN, TargetEncoder, vit_tokens
+    if objective not in TOY_OBJECTIVES:
+        raise UsageError(f"toy encoder objective {objective!r}: choose one of {', '.join(TOY_OBJECTIVES)}")
+    cfg, t = ENCODERS[TOY_OBJECTIVES[objective]], TOY_TRAIN
+    steps, batch_size, style = steps or t["steps"], batch_size or t["batch_size"], style or t["style"]
+    patch = cfg["kwargs"]["patch_size"]
+    resolution = grid_size * patch
     t0 = time.time()
-    log(f"training the toy target encoder toy-vit ({grid_size}x{grid_size} tokens, {steps} steps of "
-        f"{batch_size}) -> {path}")
+    log(f"training the toy target encoder {TOY_OBJECTIVES[objective]} on the {style!r} toy set ({grid_size}x"
+        f"{grid_size} tokens, {steps} steps of {batch_size}) -> {path}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t["seed"])
         vit = timm.create_model(cfg["timm"], pretrained=False, num_classes=0, img_size=resolution, **cfg["kwargs"])
         head = torch.nn.Linear(vit.embed_dim, TOY_NUM_CLASSES)
-        images, labels = toy_images(np.arange(t["num_images"] + 1200), resolution, seed=t["data_seed"],
-                                    style=t["style"])
+        geo_head = torch.nn.Linear(vit.embed_dim, 3)
+        items = np.arange(t["num_images"] + 1200)
+        images, labels = toy_images(items, resolution, seed=t["data_seed"], style=style)
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        geometry = torch.from_numpy(toy_patch_geometry(items, resolution, t["data_seed"], style, patch))
         prep = TargetEncoder("toy-vit", vit, grid_size).preprocess  # the normalization the frozen encoder uses
         vit.requires_grad_(True)  # TargetEncoder froze it
-        params = list(vit.parameters()) + list(head.parameters())
+        params = list(vit.parameters()) + list(head.parameters()) + list(geo_head.parameters())
         opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(
             math.pi * s / steps)))
@@ -276,6 +311,8 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, log=pri
             y = labels[i]
             loss = F.cross_entropy(head(cls), y) + F.cross_entropy(head(patches).flatten(0, 1),
                                                                    y.repeat_interleave(patches.shape[1]))
+            if objective == "dense":
+                loss = loss + (geo_head(patches) - geometry[i]).pow(2).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -289,20 +326,177 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, log=pri
     if path is None:
         return acc
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    meta = {"enc_type": "toy-vit", "grid_size": str(grid_size), "held_out_accuracy": f"{acc:.4f}",
-            **{k: str(v) for k, v in t.items()}, "steps": str(steps), "batch_size": str(batch_size)}
+    meta = {"enc_type": TOY_OBJECTIVES[objective], "objective": objective, "grid_size": str(grid_size),
+            "held_out_accuracy": f"{acc:.4f}", **{k: str(v) for k, v in t.items()}, "style": style,
+            "steps": str(steps), "batch_size": str(batch_size)}
     write_atomic(path, save({k: v.contiguous() for k, v in vit.state_dict().items()}, metadata=meta))
-    log(f"toy-vit trained in {time.time() - t0:.0f} s: held-out class-token accuracy {acc:.3f}; saved {path}")
+    log(f"{TOY_OBJECTIVES[objective]} trained in {time.time() - t0:.0f} s: held-out class-token accuracy "
+        f"{acc:.3f}; saved {path}")
     return acc
 
 
-def ensure_toy_encoder(enc_type, grid_size, log=print):
-    """Make the cached `toy-vit` target encoder for this token grid if --enc-type names it and it is not cached
-    yet (train_toy_encoder), so that encoders.load_encoders reads it through its normal path."""
+def ensure_toy_encoder(enc_type, grid_size, log=print, style=None):
+    """Make each cached toy target encoder (`toy-vit`, `toy-vit-dense`) for this token grid and toy style that
+    --enc-type names and that is not cached yet (train_toy_encoder), so that encoders.load_encoders reads it by
+    its normal path."""
     names = [encoders.canonical_name(n) for n in enc_type.split(",") if n.strip() and n.strip().lower() != "none"]
-    path = encoders.toy_encoder_path(grid_size)
-    if "toy-vit" in names and not os.path.isfile(path):
-        train_toy_encoder(grid_size, path, log=log)
+    for objective, name in encoders.TOY_OBJECTIVES.items():
+        path = encoders.toy_encoder_path(grid_size, objective, style)
+        if name in names and not os.path.isfile(path):
+            train_toy_encoder(grid_size, path, objective=objective, style=style, log=log)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What a toy target encoder's patch tokens carry (`python toy.py encoders`)
+# ------------------------------------------------------------------------------------------------------------------
+
+def _ridge_r2(x_train, y_train, x_test, y_test, lam=1e-3):
+    """Held-out R^2 of a ridge regression y ~ x (features standardized with the training split's statistics)."""
+    mu, sd = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    a, b = (x_train - mu) / sd, (x_test - mu) / sd
+    a, b = torch.cat([a, torch.ones(len(a), 1)], 1), torch.cat([b, torch.ones(len(b), 1)], 1)
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1]), a.T @ y_train)
+    return (1 - (b @ w - y_test).pow(2).sum(0) / (y_test - y_test.mean(0)).pow(2).sum(0)).tolist()
+
+
+def _mean_pair_cosine(f, groups):
+    """Mean cosine over pairs of distinct rows of f [M, D] in the same group and in different groups."""
+    f = F.normalize(f, dim=-1)
+    onehot = F.one_hot(groups).float()  # [M, G]
+    sums = onehot.T @ f  # [G, D]
+    size = onehot.sum(0)
+    within_sum = (sums.pow(2).sum(1) - size).sum()  # sum over ordered pairs i != j of one group
+    within_pairs = (size * (size - 1)).sum()
+    total_sum, total_pairs = f.sum(0).pow(2).sum() - len(f), len(f) * (len(f) - 1)
+    return (within_sum / within_pairs).item(), ((total_sum - within_sum) / (total_pairs - within_pairs)).item()
+
+
+@torch.no_grad()
+def encoder_layout(enc, resolution, style=TOY_STYLE, num_images=1200, seed=777):
+    """What the patch tokens f[n] of a toy target encoder `enc` (encoders.TargetEncoder) carry, on held-out toy
+    images of `style`:
+      within_class_cosine   mean cos(f_a[n], f_b[n]) over image pairs a != b of one class, same position n
+      between_class_cosine  the same for pairs of different classes (the contrast the within-class figure needs)
+      coverage_r2           held-out R^2 of a per-patch linear probe f[n] -> the patch's foreground coverage
+      offset_r2             the same for the patch's offset from the shape's centre (dx, dy), mean of the two
+      label_coverage_r2     R^2 of the best predictor that knows only the class and the position (the mean
+                            coverage of that class at that position): what the label alone says about coverage
+    Probes: ridge regression on 2/3 of the images, R^2 on the other 1/3. Returns a dict of floats, plus the
+    tokens [N, T, D], labels and geometry [N, T, 3] for the figure."""
+    items = np.arange(num_images)
+    images, labels = toy_images(items, resolution, seed, style)
+    geometry = torch.from_numpy(toy_patch_geometry(items, resolution, seed, style, resolution // enc.grid_size))
+    _, tokens = enc(torch.from_numpy(images))
+    labels = torch.from_numpy(labels)
+    N, T, D = tokens.shape
+    position = torch.arange(T).repeat(N)
+    groups = labels.repeat_interleave(T) * T + position  # (class, position)
+    within, between = [], []
+    for n in range(T):  # one position at a time: pairs are formed at the same position only
+        w, b = _mean_pair_cosine(tokens[:, n], labels)
+        within.append(w)
+        between.append(b)
+    n_train = N * 2 // 3
+    x, y = tokens.reshape(N * T, D), geometry.reshape(N * T, 3)
+    cut = n_train * T
+    r2 = _ridge_r2(x[:cut], y[:cut], x[cut:], y[cut:])
+    table = torch.zeros(TOY_NUM_CLASSES * T).index_add_(0, groups[:cut], y[:cut, 2])
+    count = torch.zeros(TOY_NUM_CLASSES * T).index_add_(0, groups[:cut], torch.ones(cut))
+    pred = (table / count.clamp_min(1))[groups[cut:]]
+    label_r2 = 1 - (pred - y[cut:, 2]).pow(2).sum() / (y[cut:, 2] - y[cut:, 2].mean()).pow(2).sum()
+    return {"within_class_cosine": float(np.mean(within)), "between_class_cosine": float(np.mean(between)),
+            "coverage_r2": r2[2], "offset_r2": (r2[0] + r2[1]) / 2, "label_coverage_r2": label_r2.item(),
+            "tokens": tokens, "labels": labels, "geometry": geometry, "images": images}
+
+
+def layout_figure(path, results, examples, scale=8):
+    """PNG: for a few held-out images (columns), the image, its true patch coverage, then per encoder (rows) the
+    per-patch probe's predicted coverage and the first three principal components of its patch tokens as RGB."""
+    first = next(iter(results.values()))
+    g = int(round(first["tokens"].shape[1] ** 0.5))
+    R = first["images"].shape[-1]
+    cell = R * scale // 4 * 4
+    tiles, names = [], []
+    def grid_tile(values):  # [T] or [T, 3] in [0, 1] -> an image of the token grid
+        v = np.clip(np.asarray(values, dtype=np.float32), 0, 1).reshape(g, g, -1)
+        v = np.repeat(v, 3, -1) if v.shape[-1] == 1 else v
+        return Image.fromarray((v * 255).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+    tiles.append([Image.fromarray(first["images"][i].transpose(1, 2, 0)).resize((cell, cell), Image.NEAREST)
+                  for i in examples])
+    names.append("image")
+    tiles.append([grid_tile(first["geometry"][i, :, 2]) for i in examples])
+    names.append("coverage")
+    for name, r in results.items():
+        N, T, D = r["tokens"].shape
+        x = r["tokens"].reshape(N * T, D)
+        cut = N * 2 // 3 * T
+        mu, sd = x[:cut].mean(0), x[:cut].std(0).clamp_min(1e-6)
+        a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1)
+        w = torch.linalg.solve(a[:cut].T @ a[:cut] + 1e-3 * cut * torch.eye(D + 1),
+                               a[:cut].T @ r["geometry"].reshape(N * T, 3)[:cut, 2:])
+        cover = (a @ w).reshape(N, T)
+        xc = x - x.mean(0)
+        _, _, v = torch.pca_lowrank(xc, q=3, center=False)
+        pcs = xc @ v
+        pcs = ((pcs - pcs.amin(0)) / (pcs.amax(0) - pcs.amin(0)).clamp_min(1e-6)).reshape(N, T, 3)
+        tiles.append([grid_tile(cover[i]) for i in examples])
+        names.append(f"{name}: probe")
+        tiles.append([grid_tile(pcs[i]) for i in examples])
+        names.append(f"{name}: PCA")
+    left, pad = 150, 4
+    fig = Image.new("RGB", (left + len(examples) * (cell + pad), len(tiles) * (cell + pad)), "white")
+    d = ImageDraw.Draw(fig)
+    for row, (name, ims) in enumerate(zip(names, tiles)):
+        d.text((6, row * (cell + pad) + cell // 2), name, fill="black", anchor="lm")
+        for col, im in enumerate(ims):
+            fig.paste(im, (left + col * (cell + pad), row * (cell + pad)))
+    buf = io.BytesIO()
+    fig.save(buf, format="PNG")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, buf.getvalue())
+
+
+def encoders_main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="toy.py encoders", allow_abbrev=False,
+        description="Compare toy target encoders on held-out toy images: within-class cosine of same-position "
+                    "patch tokens, per-patch linear probes of foreground coverage and of the offset from the "
+                    "shape's centre; writes a table, a JSON file and a figure (probe maps, PCA of patch tokens).")
+    p.add_argument("--enc-type", nargs="+", default=list(encoders.TOY_OBJECTIVES.values()))
+    p.add_argument("--grid-size", type=int, default=4, help="token grid (4: SiT-T/4 at 16 px, the smoke model)")
+    p.add_argument("--toy-style", default=TOY_STYLE, choices=list(TOY_STYLES),
+                   help="the toy set to compare on (the encoders are trained on it)")
+    p.add_argument("--num-images", type=int, default=1200)
+    p.add_argument("--output-dir", default=None, help="default experiments/toy/STYLE")
+    a = p.parse_args(argv)
+    a.output_dir = a.output_dir or os.path.join("experiments", "toy", a.toy_style)
+    bad = [n for n in a.enc_type if n not in encoders.TOY_OBJECTIVES.values()]
+    if bad:
+        raise UsageError(f"--enc-type {bad[0]}: the layout comparison is for the toy encoders "
+                         f"({', '.join(encoders.TOY_OBJECTIVES.values())})")
+    resolution = a.grid_size * encoders.ENCODERS["toy-vit"]["kwargs"]["patch_size"]
+    results = {}
+    for name in a.enc_type:
+        ensure_toy_encoder(name, a.grid_size, style=a.toy_style)
+        enc = encoders.load_encoders(name, "cpu", resolution=resolution, grid_size=a.grid_size,
+                                     toy_style=a.toy_style)[0]
+        results[name] = encoder_layout(enc, resolution, a.toy_style, a.num_images)
+    keys = ("within_class_cosine", "between_class_cosine", "coverage_r2", "offset_r2", "label_coverage_r2")
+    lines = [f"toy style {a.toy_style!r}, {a.num_images} held-out images, {a.grid_size}x{a.grid_size} tokens",
+             "", "| encoder | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {n} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for n, r in results.items()]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    os.makedirs(a.output_dir, exist_ok=True)
+    write_atomic(os.path.join(a.output_dir, "encoders.md"), text.encode())
+    write_atomic(os.path.join(a.output_dir, "encoders.json"), json.dumps(
+        {"style": a.toy_style, "num_images": a.num_images, "grid_size": a.grid_size,
+         "results": {n: {k: r[k] for k in keys} for n, r in results.items()}}, indent=1).encode())
+    labels = next(iter(results.values()))["labels"].numpy()
+    examples = [int(i) for c in (1, 5, 8) for i in np.flatnonzero(labels == c)[-3:]]  # held-out part
+    layout_figure(os.path.join(a.output_dir, "encoders.png"), results, examples)
+    print(f"wrote {os.path.join(a.output_dir, 'encoders.md')}, encoders.json and encoders.png")
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -369,6 +563,16 @@ def plot_lines(path, series, title="", xlabel="", ylabel="", ylim=None, size=(72
 # ------------------------------------------------------------------------------------------------------------------
 
 METHODS = ("sit", "repa", "reg")
+# Also for the comparison of target encoders: REPA and REG with each toy encoder named, whichever the preset has.
+METHOD_FLAGS = {"sit": ["--smoke=sit"], "repa": ["--smoke=repa"], "reg": ["--smoke=reg"],
+                **{f"{m}-{obj}": [f"--smoke={m}", "--enc-type", name] for obj, name in encoders.TOY_OBJECTIVES.items()
+                   for m in ("repa", "reg")}}
+
+
+def method_label(method):
+    """'SiT', 'REPA', 'REG', 'REPA (dense)', ... for tables and plots."""
+    base, _, enc = method.partition("-")
+    return ("SiT" if base == "sit" else base.upper()) + (f" ({enc})" if enc else "")
 
 
 def read_curve(exp_dir, key="toy_joint"):
@@ -429,21 +633,26 @@ def experiment_main(argv=None):
                     "for the three), several seeds; write a table and a PNG plot of joint toy accuracy against "
                     "the training step. Finished runs are reused, so a killed experiment continues. Other flags "
                     "go to train.py.")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHOD_FLAGS),
+                   help="repa / reg use the smoke preset's target encoder; repa-dense, reg-class, ... name one")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--output-dir", default="experiments/toy",
-                   help="one folder per run; metrics, args, logs and grids are small and meant to be committed")
+    p.add_argument("--toy-style", default=EXPERIMENT_STYLE, choices=list(TOY_STYLES),
+                   help="the toy set (train.py --toy-style); default the one with sizes the label does not say")
+    p.add_argument("--output-dir", default=None, help="one folder per run (default experiments/toy/STYLE); metrics, "
+                                                      "args, logs and grids are small and meant to be committed")
     p.add_argument("--eval-every", type=int, default=100, help="training steps between evaluations (the smoke "
                                                                "preset's own --sample-every is 200)")
     a, extra = p.parse_known_args(argv)
+    a.output_dir = a.output_dir or os.path.join("experiments", "toy", a.toy_style)
     curves = {}
     t0 = time.time()
     for method in a.methods:
         for seed in a.seeds:
             name = f"{method}-seed{seed}"
             exp_dir = os.path.join(a.output_dir, name)
-            flags = [f"--smoke={method}", "--seed", str(seed), "--output-dir", a.output_dir, "--exp-name", name,
-                     *(["--sample-every", str(a.eval_every)] if a.eval_every else []), *extra]
+            flags = [*METHOD_FLAGS[method], "--seed", str(seed), "--output-dir", a.output_dir, "--exp-name", name,
+                     "--toy-style", a.toy_style, *(["--sample-every", str(a.eval_every)] if a.eval_every else []),
+                     *extra]
             done = os.path.join(exp_dir, "done.json")
             if os.path.isfile(done):
                 check_finished_run(done, flags)
@@ -472,8 +681,8 @@ def summarize(curves, methods, seeds, out_dir):
         reach = "–"
         if mean_final_sit is not None:
             reach = ", ".join(str(steps_to_reach(curves[(m, s)], mean_final_sit) or "never") for s in seeds)
-        lines.append(f"| {m.upper() if m != 'sit' else 'SiT'} | " + " | ".join(cells) + f" | {reach} |")
-        series.append({"label": m.upper() if m != "sit" else "SiT", "x": steps, "y": mean.tolist(),
+        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + f" | {reach} |")
+        series.append({"label": method_label(m), "x": steps, "y": mean.tolist(),
                        "lo": lo.tolist(), "hi": hi.tolist()})
     note = (f"mean ± half the min-max spread over seeds {', '.join(map(str, seeds))}; joint toy accuracy (shape and "
             f"colour right) of 64 EMA samples per evaluation" +
@@ -497,7 +706,7 @@ def summarize(curves, methods, seeds, out_dir):
 def speedup_table(curves, methods, seeds, levels):
     """The papers' form of the claim: per quality level, the step at which each method first reaches it (mean ±
     half the min-max spread over the seeds that reach it) and SiT's mean steps divided by the method's."""
-    name = {m: m.upper() if m != "sit" else "SiT" for m in methods}
+    name = {m: method_label(m) for m in methods}
     lines = ["| joint accuracy reached | " + " | ".join(f"{name[m]}: step" for m in methods)
              + "".join(f" | speed-up of {name[m]}" for m in methods if m != "sit") + " |",
              "|---|" + "---|" * (len(methods) + sum(m != "sit" for m in methods))]
@@ -532,14 +741,14 @@ def samples_figure(out_dir, methods, seed, steps):
     if not tiles:
         return
     tw, th = next(iter(tiles.values())).size
-    scale, left, top = 3, 60, 22
+    scale, left, top = 3, 90, 22
     fig = Image.new("RGB", (left + len(steps) * (tw * scale + 8), top + len(methods) * (th * scale + 8)), "white")
     d = ImageDraw.Draw(fig)
     for j, st in enumerate(steps):
         d.text((left + j * (tw * scale + 8) + tw * scale // 2, 6), f"step {st}", fill="black", anchor="mt")
     for i, m in enumerate(methods):
         y = top + i * (th * scale + 8)
-        d.text((6, y + th * scale // 2), m.upper() if m != "sit" else "SiT", fill="black", anchor="lm")
+        d.text((6, y + th * scale // 2), method_label(m), fill="black", anchor="lm")
         for j, st in enumerate(steps):
             if (m, st) in tiles:
                 fig.paste(tiles[(m, st)].resize((tw * scale, th * scale), Image.NEAREST),
@@ -550,11 +759,13 @@ def samples_figure(out_dir, methods, seed, steps):
 
 
 def main(argv=None):
-    """`toy.py experiment ...` (the only command); returns 0 for the shell."""
+    """`toy.py experiment ...` or `toy.py encoders ...`; returns 0 for the shell."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] != "experiment":
-        raise UsageError("usage: python toy.py experiment [--methods sit repa reg] [--seeds 0 1 2] [train.py flags]")
-    experiment_main(argv[1:])
+    commands = {"experiment": experiment_main, "encoders": encoders_main}
+    if not argv or argv[0] not in commands:
+        raise UsageError("usage: python toy.py experiment [--methods sit repa reg] [--seeds 0 1 2] [train.py flags]"
+                         " | python toy.py encoders [--enc-type toy-vit toy-vit-dense]")
+    commands[argv[0]](argv[1:])
     return 0
 
 

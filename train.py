@@ -272,7 +272,8 @@ def load_dataset(args):
         raise UsageError(no_data_message(f"--data-dir {args.data_dir} does not exist.", args.data_dir,
                                          args.resolution))
     try:
-        dataset = data.build_dataset(args.data_dir, args.resolution, toy_samples=args.toy_samples)
+        dataset = data.build_dataset(args.data_dir, args.resolution, toy_samples=args.toy_samples,
+                                     toy_style=args.toy_style)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"cannot read --data-dir {args.data_dir}: {e}") from None
     if dataset.resolution != args.resolution:
@@ -295,10 +296,11 @@ def build_training(args, device, grid_size, bench, log):
         random_init = args.random_encoder or bench
         try:
             if not random_init and not args.enc_path:  # toy-vit: trained once, then cached (every rank makes
-                toy.ensure_toy_encoder(args.enc_type, grid_size, log=log.info)  # the same file, written atomically)
+                toy.ensure_toy_encoder(args.enc_type, grid_size, log=log.info,  # the same file, written
+                                       style=args.toy_style)                    # atomically)
             encoders = encoders_module.load_encoders(args.enc_type, device, resolution=args.resolution,
                                                      grid_size=grid_size, enc_path=args.enc_path,
-                                                     random_init=random_init)
+                                                     random_init=random_init, toy_style=args.toy_style)
         except (OSError, ValueError, RuntimeError) as e:
             hint = "" if "--enc-path" in str(e) else ". Offline? pass --enc-path"
             raise UsageError(f"cannot load target encoder {args.enc_type!r}: {e}{hint} (--enc-type tiny-vit runs "
@@ -432,6 +434,9 @@ def build_parser():
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="largest per-device forward batch; sets --grad-accum automatically")
     g.add_argument("--toy-samples", type=int, default=10000, help="size of the toy dataset (--data-dir toy)")
+    g.add_argument("--toy-style", default=toy.TOY_STYLE, choices=list(toy.TOY_STYLES),
+                   help="how the toy images are drawn (--data-dir toy): 'centred' one size and place per class, "
+                        "'sizes' centred at any size, 'varied' any size and place (toy.TOY_STYLES)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="data loading processes per rank (default: 4, at most the CPUs this process may use)")
     g.add_argument("--vae", default="ema", help="VAE that decodes the sample grids: ema | mse | hub id | path")
@@ -468,8 +473,9 @@ def build_parser():
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"])
     g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     g.add_argument("--enc-type", default="dinov2-vit-b",
-                   help="target encoder(s), comma separated; 'none' = plain SiT; 'toy-vit' = small ViT trained on the "
-                        "toy set (--data-dir toy only); 'tiny-vit' = random ViT (tests, benchmarks)")
+                   help="target encoder(s), comma separated; 'none' = plain SiT; 'toy-vit' (or 'toy-vit-dense', which "
+                        "also knows where in the shape each patch is) = small ViT trained on the toy set (--data-dir "
+                        "toy only); 'tiny-vit' = random ViT (tests, benchmarks)")
     g.add_argument("--enc-path", default=None, help="local encoder weights (offline)")
     g.add_argument("--random-encoder", action="store_true", help="random-init target encoder (tests only)")
     g.add_argument("--proj-coeff", type=float, default=0.5, help="lambda of L_REPA; 0 = plain SiT")
@@ -529,8 +535,10 @@ def check_args(args, world_size):
         raise UsageError("--reg needs a target encoder for its class token: drop --enc-type none")
     if args.repa and args.reg:
         raise UsageError("--repa and --reg exclude each other (REG includes REPA's alignment term); pick one")
-    if args.data_dir != "toy" and any(n.strip().lower() == "toy-vit" for n in args.enc_type.split(",")):
-        raise UsageError(f"--enc-type toy-vit is trained on the toy shapes and only fits --data-dir toy (got "
+    toy_encoders = [n.strip() for n in args.enc_type.split(",")
+                    if n.strip().lower() in encoders_module.TOY_OBJECTIVES.values()]
+    if args.data_dir != "toy" and toy_encoders:
+        raise UsageError(f"--enc-type {toy_encoders[0]} is trained on the toy shapes and only fits --data-dir toy (got "
                          f"--data-dir {args.data_dir}); use a real encoder such as dinov2-vit-b for other data")
     if args.repa and (args.proj_coeff <= 0 or args.enc_type == "none"):
         raise UsageError("--repa needs --proj-coeff > 0 and a target encoder (--enc-type)")

@@ -42,7 +42,7 @@ ARCH = {
 
 def test_full_size_architectures_match_the_papers():
     """Every name maps to the right full-size network (built on the meta device: no memory, no forward)."""
-    assert set(ARCH) | {"tiny-vit", "toy-vit"} == set(E.ENCODERS)
+    assert set(ARCH) | {"tiny-vit", "toy-vit", "toy-vit-dense"} == set(E.ENCODERS)
     for name, (dim, depth, heads, patch, prefix) in ARCH.items():
         with torch.device("meta"):
             enc = _build(name, 16, random_init=True)

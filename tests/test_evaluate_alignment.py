@@ -189,7 +189,7 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
         run = out / f"{method}-seed0"
         (run / "samples").mkdir(parents=True)
         flags = [f"--smoke={method}", "--seed", "0", "--output-dir", str(out), "--exp-name", f"{method}-seed0",
-                 "--sample-every", "100"]
+                 "--toy-style", "sizes", "--sample-every", "100"]
         (run / "done.json").write_text(json.dumps({"flags": flags}))
         (run / "args.json").write_text(json.dumps({"resolution": 16}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "toy_joint": a}) + "\n"
@@ -203,6 +203,9 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
     with pytest.raises(UsageError, match=r"another configuration \(--seed: '0' \(finished run\) vs '1'"):
         (out / "sit-seed1").mkdir()
         flags = ["--smoke=sit", "--seed", "0", "--output-dir", "elsewhere", "--exp-name", "sit-seed1",
-                 "--sample-every", "100"]  # a run of seed 0 under seed 1's name; where it was run from is no setting
+                 "--toy-style", "sizes", "--sample-every", "100"]  # a run of seed 0 under seed 1's name; where it was run from is no setting
         (out / "sit-seed1" / "done.json").write_text(json.dumps({"flags": flags}))
         toy.experiment_main(["--methods", "sit", "--seeds", "1", "--output-dir", str(out)])
+    with pytest.raises(UsageError, match=r"another configuration \(--toy-style: 'sizes' \(finished run\) vs 'centred'"):
+        toy.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(out), "--toy-style", "centred"])
+    assert toy.method_label("reg-dense") == "REG (dense)"  # the encoder comparison's rows

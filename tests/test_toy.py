@@ -82,6 +82,66 @@ def test_toy_encoder_trained_once_cached_and_read_by_the_normal_path(tmp_path, m
     assert len(calls) == 2 and all(torch.equal(p, q) for p, q in zip(third.parameters(), enc.parameters()))
 
 
+@pytest.mark.parametrize("style", ["sizes", "varied"])
+def test_patch_geometry_is_what_each_patch_of_the_image_shows(style):
+    imgs, _ = toy_images(np.arange(24), 16, seed=5, style=style)
+    geo = toy.toy_patch_geometry(np.arange(24), 16, seed=5, style=style, patch=4)  # [N, 16, 3] row-major tokens
+    x = imgs.astype(np.float32) / 255
+    chroma = x.max(1) - x.min(1)  # the grey background has none; the shapes' colours have > 0.6
+    seen = (chroma / 0.6).clip(0, 1).reshape(24, 4, 4, 4, 4).mean(axis=(2, 4)).reshape(24, 16)
+    assert np.abs(seen - geo[..., 2]).max() < 0.1
+    # the offset: the coverage-weighted mean offset of a symmetric shape (square, disk, plus) is its centre
+    sym = np.isin(np.arange(24) % TOY_NUM_CLASSES // len(TOY_COLORS), [0, 1, 3])
+    centre = (geo[sym, :, :2] * geo[sym, :, 2:]).sum(1) / geo[sym, :, 2:].sum(1)
+    assert np.abs(centre).max() < 0.15
+    assert (np.diff(geo[0, :4, 0]) > 0).all() and (np.diff(geo[0, ::4, 1]) > 0).all()  # x along a row, y down
+
+
+class _FakeEncoder:
+    """Patch tokens made of given per-patch vectors (what encoder_layout reads: grid_size, enc(images))."""
+    grid_size = 4
+
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self, images):
+        tokens = self.make(len(images))
+        return tokens.mean(1), tokens
+
+
+def test_encoder_layout_tells_geometry_tokens_from_label_tokens():
+    n = 240
+    geo = torch.from_numpy(toy.toy_patch_geometry(np.arange(n), 16, 777, "sizes", 4))
+    labels = torch.arange(n) % TOY_NUM_CLASSES
+    label_tokens = torch.cat([torch.nn.functional.one_hot(labels, TOY_NUM_CLASSES)[:, None].expand(n, 16, -1),
+                              torch.eye(16)[None].expand(n, 16, 16)], -1).float()  # class + position only
+    knows = toy.encoder_layout(_FakeEncoder(lambda m: torch.cat([label_tokens[:m], geo[:m]], -1)), 16, "sizes", n)
+    label = toy.encoder_layout(_FakeEncoder(lambda m: label_tokens[:m]), 16, "sizes", n)
+    assert knows["coverage_r2"] > 0.99 and knows["offset_r2"] > 0.99  # geometry in the tokens: read back
+    assert abs(label["within_class_cosine"] - 1) < 1e-5 and knows["within_class_cosine"] < 1 - 1e-3
+    assert label["between_class_cosine"] < 0.6
+    # tokens that hold only class and position explain coverage no better than the label does, and well below 1
+    assert label["coverage_r2"] < 0.9 and label["coverage_r2"] <= label["label_coverage_r2"] + 0.02
+    assert knows["label_coverage_r2"] == pytest.approx(label["label_coverage_r2"])
+
+
+def test_dense_toy_encoder_is_its_own_cached_file_and_learns_geometry(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPA_REG_CACHE", str(tmp_path))
+    for k, v in {"steps": 3, "batch_size": 8, "num_images": 48}.items():
+        monkeypatch.setitem(E.TOY_TRAIN, k, v)
+    toy.ensure_toy_encoder("toy-vit-dense", 2)
+    assert os.path.isfile(E.toy_encoder_path(2, "dense")) and not os.path.exists(E.toy_encoder_path(2, "class"))
+    dense = E.load_encoders("toy-vit-dense", "cpu", resolution=8, grid_size=2)[0]
+    toy.ensure_toy_encoder("toy-vit", 2)
+    plain = E.load_encoders("toy-vit", "cpu", resolution=8, grid_size=2)[0]
+    moved = [k for k, v in dense.vit.state_dict().items() if not torch.equal(v, plain.vit.state_dict()[k])]
+    assert "blocks.3.mlp.fc2.weight" in moved  # same seed and batches: only the geometry term differs
+    with pytest.raises(toy.UsageError, match="objective 'jepa'"):
+        toy.train_toy_encoder(2, objective="jepa")
+    with pytest.raises(toy.UsageError, match="--enc-type tiny-vit"):
+        toy.encoders_main(["--enc-type", "tiny-vit"])
+
+
 # --- smoke preset -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, method, enc, reg, coeff", [
@@ -102,6 +162,8 @@ def test_smoke_and_toy_encoder_bad_input(capsys):
     args = train.parse_args(["--enc-type", "toy-vit", "--data-dir", "data/imagenet256"])
     with pytest.raises(train.UsageError, match="--enc-type toy-vit .*--data-dir toy"):
         train.check_args(args, 1)
+    with pytest.raises(train.UsageError, match="--enc-type toy-vit-dense .*--data-dir toy"):
+        train.check_args(train.parse_args(["--enc-type", "dinov2-vit-b,toy-vit-dense", "--data-dir", "d"]), 1)
     with pytest.raises(train.UsageError, match="--repa and --reg"):
         train.check_args(train.parse_args(["--smoke", "--reg", "--repa", "--data-dir", "toy"]), 1)
 
