@@ -636,11 +636,14 @@ def block_features(model, x, t, y, cls=None):
 def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed=0, enc_type="toy-vit",
                        batch_size=200):
     """Per block: linear-probe accuracy (12 toy classes; 2/3 train, 1/3 held out) of the token-averaged hidden
-    state, and CKNNA between it and the target encoder's token-averaged patch features (both L2-normalized).
+    state, and CKNNA between it and the target encoder's token-averaged patch features (both L2-normalized), and
+    the held-out R^2 of a ridge probe of the shape's area (the fraction of the image it covers: what the label does
+    not say on the 'sizes' toy set) from the same hidden state.
 
     Inputs: real toy images (a seed of their own) noised to time t, fed with the *null* label, so that the probe
     reads what the network extracts from the image, not its label embedding. A REG model gets its class token
-    noised to the same t (its training input). Returns {'probe': [...], 'cknna': [...], 'encoder_probe': float}.
+    noised to the same t (its training input).
+    Returns {'probe': [...], 'cknna': [...], 'area_r2': [...], 'encoder_probe': float}.
     """
     if not 0 <= t <= 1:
         raise UsageError(f"--t {t} must be in [0, 1] (0 = clean data, 1 = pure noise)")
@@ -650,6 +653,8 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     enc = encoders.load_encoders(enc_type, "cpu", resolution=res, grid_size=model.grid_size, toy_style=style)[0]
     images, labels = toy.toy_images(np.arange(num_samples), res, seed=seed + 424242, style=style)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    geometry = toy.toy_patch_geometry(np.arange(num_samples), res, seed + 424242, style, res // model.grid_size)
+    area = torch.from_numpy(geometry[..., 2].mean(1, keepdims=True))  # [N, 1], the same images' shape areas
     g = torch.Generator().manual_seed(seed)
     alpha, sigma, _, _ = (float(c) for c in interpolant(torch.tensor(float(t)), train_args.get("path_type", "linear")))
     hidden, target = [], []
@@ -671,7 +676,8 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     enc_probe = linear_probe(target[:n_train], labels[:n_train], target[n_train:], labels[n_train:],
                              num_classes=toy.TOY_NUM_CLASSES)
     align = [cknna(F.normalize(h, dim=-1), F.normalize(target, dim=-1), topk) for h in hidden]
-    return {"probe": probe, "cknna": align, "encoder_probe": enc_probe}
+    area_r2 = [toy.ridge_r2(h[:n_train], area[:n_train], h[n_train:], area[n_train:])[0] for h in hidden]
+    return {"probe": probe, "cknna": align, "area_r2": area_r2, "encoder_probe": enc_probe}
 
 
 def alignment_main(argv=None):
@@ -704,7 +710,8 @@ def alignment_main(argv=None):
         print("| block | " + " | ".join(str(i + 1) for i in range(len(r["probe"]))) + " |")
         print("|---|" + "---|" * len(r["probe"]))
         print("| linear probe | " + " | ".join(f"{v:.3f}" for v in r["probe"]) + " |")
-        print("| CKNNA | " + " | ".join(f"{v:.3f}" for v in r["cknna"]) + " |", flush=True)
+        print("| CKNNA | " + " | ".join(f"{v:.3f}" for v in r["cknna"]) + " |")
+        print("| shape area, probe R^2 | " + " | ".join(f"{v:.3f}" for v in r["area_r2"]) + " |", flush=True)
     series = []
     for key, label in (("probe", "probe"), ("cknna", "CKNNA")):
         series += [{"label": f"{name} {label}", "x": list(range(1, len(r[key]) + 1)), "y": r[key]}

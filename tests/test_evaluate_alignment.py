@@ -123,7 +123,7 @@ def test_alignment_command_on_toy_checkpoints_and_bad_input(tmp_path, capsys):
     assert set(res) == {"reg", "sit"} and all(len(r["probe"]) == len(r["cknna"]) == 6 for r in res.values())
     assert all(0 <= v <= 1 for r in res.values() for v in r["probe"]) and plot.is_file()
     out = capsys.readouterr().out
-    assert "| linear probe |" in out and "| CKNNA |" in out
+    assert "| linear probe |" in out and "| CKNNA |" in out and "| shape area, probe R^2 |" in out
     with pytest.raises(evaluate.UsageError, match="--topk"):
         evaluate.alignment_main(["--ckpt", reg, "--num-samples", "60", "--topk", "60"])
     released = tmp_path / "released.pt"  # the released format: the EMA state dict itself, no training args
@@ -136,6 +136,19 @@ def test_alignment_command_on_toy_checkpoints_and_bad_input(tmp_path, capsys):
         evaluate.main(["fid"])
     assert evaluate.main(["alignment", "--ckpt", sit, "--num-samples", "30", "--topk", "3", "--enc-type", "tiny-vit",
                           "--plot", str(plot)]) == 0  # exit status 0 for the shell
+
+
+def test_alignment_probes_the_shape_area_of_the_images_fed_on_their_own_toy_style(tmp_path, monkeypatch):
+    """The area probe reads the images the model was given, drawn in the run's --toy-style: with t = 0 a 'block'
+    holding each channel's pixel sum holds the area linearly (flat background, 3 colours: R^2 ~ 1), a block of
+    noise does not."""
+    sit = _toy_checkpoint(tmp_path, "--proj-coeff", "0", "--exp-name", "sit", "--toy-style", "sizes")
+    model, args = evaluate.load_toy_model(sit)
+    assert args["toy_style"] == "sizes"
+    monkeypatch.setattr(evaluate, "block_features", lambda model, x, t, y, cls=None: [
+        torch.cat([x.sum((2, 3)), torch.zeros(len(x), 5)], 1), torch.randn(len(x), 8, generator=torch.Generator())])
+    r = evaluate.alignment_analysis(model, args, t=0.0, num_samples=90, topk=5, enc_type="tiny-vit")
+    assert r["area_r2"][0] > 0.95 and r["area_r2"][1] < 0.3
 
 
 def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_path, monkeypatch, capsys):
@@ -177,7 +190,7 @@ def test_summary_table_means_spreads_and_steps_to_sits_final(tmp_path):
     # the papers' form of the claim: the step each method first reaches a level, and SiT's steps over its steps
     table = toy.speedup_table(curves, ["sit", "repa"], [0, 1], [0.3, 0.5, 0.7]).splitlines()
     assert table[2] == "| 0.300 | 3 ± 1 | 2 ± 0 | 1.50x |"  # SiT: steps 4 and 2; REPA: 2 and 2
-    assert table[3] == "| 0.500 | never in 1 of 2 seeds | 3 ± 1 | – |"
+    assert table[3] == "| 0.500 | never in 1 of 2 seeds | 3 ± 1 | > 1.33x |"  # SiT: > 4 and 4; REPA: 2, 4
     assert table[4] == "| 0.700 | never in 2 of 2 seeds | never in 1 of 2 seeds | – |"
 
 
@@ -200,6 +213,11 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
     assert "| REG | 0.500 ± 0.000 | 0.900 ± 0.000 | 200 |" in text  # reaches SiT's final 0.6 at step 200
     assert "| 0.300 | 200 ± 0 | 100 ± 0 | 2.00x |" in text and "| 0.600 | 200 ± 0 | 200 ± 0 | 1.00x |" in text
     assert (out / "samples.png").is_file()
+    for method in ("sit", "reg"):  # the runs' own grids are read, never written
+        assert Image.open(out / f"{method}-seed0" / "samples" / "0000200.png").size == (146, 146)
+    toy.experiment_main(["--methods", "reg", "--seeds", "0", "--output-dir", str(out), "--tag", "one"])
+    assert (out / "table-one.md").is_file() and (out / "samples-one.png").is_file()
+    assert "| SiT |" in (out / "table.md").read_text() and "| SiT |" not in (out / "table-one.md").read_text()
     with pytest.raises(UsageError, match=r"another configuration \(--seed: '0' \(finished run\) vs '1'"):
         (out / "sit-seed1").mkdir()
         flags = ["--smoke=sit", "--seed", "0", "--output-dir", "elsewhere", "--exp-name", "sit-seed1",
