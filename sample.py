@@ -397,7 +397,7 @@ def _open_folder(folder, args, rank, config, device):
                     seed=args.seed, vae=None if config["pixel_space"] else args.vae,
                     latent_scale=config["latent_scale"], resolution=config["resolution"], precision=args.precision,
                     tf32=args.tf32 if device.type == "cuda" else None, device_type=device.type,
-                    noise="per-image generator, seed * 2^32 + index")
+                    noise=f"per-image generator, {NOISE_SEED}")
     os.makedirs(folder, exist_ok=True)
     exists = _check_folder(folder, identity)
     barrier(device)
@@ -511,10 +511,22 @@ def weights_fingerprint(sd):
 # Per-image noise
 # --------------------------------------------------------------------------------------------------------------
 
+NOISE_SEED = "seed * 2^32 + (index + seed * 2654435769) % 2^32"  # as config.json states it
+
+
+def image_seed(seed, index):
+    """The seed of image `index`'s generator: seed * 2^32 + (index + seed * 2654435769) mod 2^32. torch's CPU
+    generator keeps only the low 32 bits of a seed (CUDA's keeps all 64), so they must differ between seeds too
+    (plain seed * 2^32 + index gave every --seed the same CPU noise): index plus a per-seed offset (Knuth's
+    golden-ratio multiplier spreads the offsets of nearby seeds about 2^31 apart) stays distinct within a seed
+    and, for any practical number of images, between seeds."""
+    return seed * 2 ** 32 + (int(index) + seed * 2654435769) % 2 ** 32
+
+
 def image_generators(seed, indices, device):
-    """One generator per image, seeded by (global seed, image index) only: seed * 2^32 + index. The images are
-    then the same for any number of processes, any batch size, and after a resume."""
-    return [torch.Generator(device).manual_seed(seed * 2 ** 32 + int(i)) for i in indices]
+    """One generator per image, seeded by (global seed, image index) only (image_seed). The images are then the
+    same for any number of processes, any batch size, and after a resume."""
+    return [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in indices]
 
 
 def initial_noise(generators, model, labels=None):

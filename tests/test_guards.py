@@ -162,7 +162,7 @@ def _tiny_reg_checkpoint(path):
 
 def _documented(noise_doc, seed, index):
     """The generator of image `index`, seeded by the formula the folder's config.json states after the comma,
-    e.g. 'per-image generator, seed * 2^32 + index'."""
+    e.g. 'per-image generator, seed * 2^32 + (index + seed * 2654435769) % 2^32'."""
     formula = noise_doc.split(",", 1)[1].strip().replace("^", "**")
     return torch.Generator().manual_seed(eval(formula, {"__builtins__": {}}, {"seed": seed, "index": index}))
 
@@ -215,11 +215,12 @@ def test_per_image_noise_is_the_documented_function_of_seed_and_index(tmp_path, 
     for i, (z, cls, _) in ref.items():
         ez, ecls, _ = expected(5, i)
         assert torch.equal(z, ez) and torch.equal(cls, ecls), i
-    # Another seed follows the same formula. (Not asserted: that it changes the noise. On the CPU it does not:
-    # torch's CPU generator keeps only the low 32 bits of its seed, and those of seed * 2^32 + index are the index.)
+    # Another seed follows the same formula and draws other noise, on the CPU too (whose generator keeps only the
+    # low 32 bits of a seed: seed * 2^32 + index gave every seed the same noise there)
     other = noise(6, list(range(6)))
     for i in range(6):
         assert torch.equal(other[i][0], expected(6, i)[0]) and torch.equal(other[i][1], expected(6, i)[1]), i
+        assert not torch.equal(other[i][0], ref[i][0]), f"seeds 5 and 6 draw the same noise for image {i}"
     assert len({tuple(ref[i][0].flatten()[:4].tolist()) for i in range(6)}) == 6  # every image its own noise
 
 

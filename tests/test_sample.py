@@ -330,8 +330,11 @@ def test_two_processes_give_the_same_images(tiny, tmp_path):
 def test_ctrl_c_stops_with_one_line_and_the_rerun_continues(tiny, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny["ckpt"], "--sample-dir", str(tmp_path),
            *FID_ARGS[:1], "1000", *FID_ARGS[2:]]
+    # Ctrl-C's default handling in the child, even when this suite runs as a background job (a shell without job
+    # control starts those with SIGINT ignored, and the child would inherit that)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:  # wait until it samples
         if "to sample" in line:
             break
