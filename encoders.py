@@ -375,7 +375,7 @@ def toy_encoder_path(grid_size, objective="class", style=None):
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "repa-reg")
     t = TOY_TRAIN
     return os.path.join(root, f"{TOY_OBJECTIVES[objective]}-{style or t['style']}-grid{grid_size}-d{TOY_DIM}-s{t['steps']}-b{t['batch_size']}-"
-                              f"seed{t['seed']}.safetensors")
+                              f"seed{t['seed']}-v2.safetensors")  # v2: the data order since toy-vit-dense (its head is initialized first)
 
 
 # ------------------------------------------------------------------------------------------------------------------

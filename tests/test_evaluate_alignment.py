@@ -154,7 +154,7 @@ def test_alignment_probes_the_shape_area_of_the_images_fed_on_their_own_toy_styl
 def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "exp"
-    flags = ["--seeds", "0", "1", "--output-dir", str(out), "--eval-every", "2", "--model", "SiT-T/8",
+    flags = ["--seeds", "0", "1", "--output-dir", str(out), "--jobs", "2", "--eval-every", "2", "--model", "SiT-T/8",
              "--enc-type", "tiny-vit", "--projector-dim", "32", "--toy-samples", "16", "--batch-size", "8",
              "--max-train-steps", "4", "--num-sample-images", "4", "--sample-steps", "2"]
     text = toy.experiment_main(flags)
@@ -170,7 +170,7 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     fig = np.asarray(Image.open(out / "samples.png"))  # 3 methods x 2 steps of grid rows, 3x enlarged
     assert fig.shape[0] > 3 * 3 * (16 + 4) and fig.shape[1] > 2 * 3 * 2 * 18
     # finished runs are reused: a second call trains nothing
-    monkeypatch.setattr(toy, "run_training", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(toy, "start_training", lambda *a, **k: pytest.fail("retrained a finished run"))
     assert toy.experiment_main(flags) == text
     other = [("8" if f == "4" else f) for f in flags]  # --max-train-steps 8: another configuration
     with pytest.raises(UsageError, match=r"finished run of another configuration \(--max-train-steps: '4'"):
@@ -178,6 +178,25 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     with pytest.raises(SystemExit):
         toy.experiment_main(["--methods", "dit"])
     assert "--methods" in capsys.readouterr().err
+
+
+def test_parallel_trainings_keep_finished_runs_and_stop_on_a_failure(tmp_path, monkeypatch):
+    """--jobs 2: a run that fails stops the experiment with its command named, after the one running beside it
+    has finished and recorded its done.json; the one not started yet stays to do."""
+    import subprocess
+    import sys
+    threads = []
+
+    def fake(flags, env=None):  # exits with the status given as the first flag, after a while
+        threads.append(env["OMP_NUM_THREADS"])
+        return subprocess.Popen([sys.executable, "-c", f"import time, sys; time.sleep({flags[1]}); sys.exit({flags[0]})"])
+    monkeypatch.setattr(toy, "start_training", fake)
+    runs = [(n, [rc, wait], str(tmp_path / f"{n}.json")) for n, rc, wait in (("bad", "3", "0"), ("slow", "0", "1"),
+                                                                             ("later", "0", "0"))]
+    with pytest.raises(UsageError, match=r"`python train.py 3 0` exited with status 3"):
+        toy.run_trainings(runs, jobs=2)
+    assert sorted(os.listdir(tmp_path)) == ["slow.json"] and len(threads) == 2
+    assert threads[0] == str(max(1, (os.cpu_count() or 2) // 2))
 
 
 def test_summary_table_means_spreads_and_steps_to_sits_final(tmp_path):
@@ -208,7 +227,7 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "toy_joint": a}) + "\n"
                                                    for s, a in zip((100, 200), acc)))
         Image.new("RGB", (146, 146)).save(run / "samples" / "0000200.png")
-    monkeypatch.setattr(toy, "run_training", lambda *a, **k: pytest.fail("retrained a committed run"))
+    monkeypatch.setattr(toy, "start_training", lambda *a, **k: pytest.fail("retrained a committed run"))
     text = toy.experiment_main(["--methods", "sit", "reg", "--seeds", "0", "--output-dir", str(out)])
     assert "| REG | 0.500 ± 0.000 | 0.900 ± 0.000 | 200 |" in text  # reaches SiT's final 0.6 at step 200
     assert "| 0.300 | 200 ± 0 | 100 ± 0 | 2.00x |" in text and "| 0.600 | 200 ± 0 | 200 ± 0 | 1.00x |" in text
