@@ -358,7 +358,7 @@ METHOD_DEFAULTS = {"repa": dict(max_train_steps=400_000, checkpointing_steps=50_
                    "reg": dict(max_train_steps=1_000_000, checkpointing_steps=10_000)}
 
 # The smoke preset: a tiny SiT on the 16 px toy set (one centred shape per class, toy.TOY_STYLES), CPU, offline,
-# under 3 minutes on 2 cores. The target encoder is `toy-vit`, a small ViT trained on the toy shapes by
+# about 3 minutes on 2 cores (2:40 to 3:08 measured). The target encoder is `toy-vit`, a small ViT trained on the toy shapes by
 # toy.train_toy_encoder on first use (cached), so that alignment has features worth aligning to. Tuned for speed,
 # not faithfulness (experiments/toy/pilots.md): a 512-wide projector (the recipe's 2048 would dominate the FLOPs
 # of SiT-T), lr 3e-3, batch 32, 400 steps, EMA 0.98 (0.9999 would average over far more steps than the run has;
