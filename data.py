@@ -37,7 +37,7 @@ from PIL import Image
 
 from encoders import VAE_SCALE  # SD-VAE latent scale; z = (mean + std * eps) * VAE_SCALE
 from plumbing import Progress, UsageError, barrier, released_spelling, setup_distributed, show_defaults, write_atomic
-from toy import ToyDataset
+from toy import TOY_STYLE, ToyDataset
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif'}
 
@@ -537,7 +537,7 @@ def build_dataset(data_dir, resolution=256, toy_samples=10000, seed=0, toy_style
     """`data_dir` == 'toy' -> ToyDataset(toy_samples, resolution, seed); else ImageLatentDataset(data_dir),
     checked against `resolution`. Errors (UsageError) say how to make the data."""
     if data_dir == 'toy':
-        return ToyDataset(toy_samples, resolution, seed, **({"style": toy_style} if toy_style else {}))
+        return ToyDataset(toy_samples, resolution, seed, toy_style or TOY_STYLE)
     if not os.path.isdir(data_dir):
         raise UsageError(f'data dir {data_dir!r} does not exist. Preprocess ImageNet into it with\n'
                         f'  python data.py --source IMAGENET/train --dest {data_dir} --resolution {resolution}\n'

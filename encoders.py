@@ -374,8 +374,9 @@ def toy_encoder_path(grid_size, objective="class", style=None):
     root = os.environ.get("REPA_REG_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "repa-reg")
     t = TOY_TRAIN
-    return os.path.join(root, f"{TOY_OBJECTIVES[objective]}-{style or t['style']}-grid{grid_size}-d{TOY_DIM}-s{t['steps']}-b{t['batch_size']}-"
-                              f"seed{t['seed']}-v2.safetensors")  # v2: the data order since toy-vit-dense (its head is initialized first)
+    # v2: the data order since toy-vit-dense (whose head is initialized, for both objectives, before the order)
+    return os.path.join(root, f"{TOY_OBJECTIVES[objective]}-{style or t['style']}-grid{grid_size}-d{TOY_DIM}-"
+                              f"s{t['steps']}-b{t['batch_size']}-seed{t['seed']}-v2.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -651,10 +651,9 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     style = train_args.get("toy_style") or toy.TOY_STYLE  # runs before --toy-style existed: the default style
     toy.ensure_toy_encoder(enc_type, model.grid_size, style=style)  # trained once, then cached
     enc = encoders.load_encoders(enc_type, "cpu", resolution=res, grid_size=model.grid_size, toy_style=style)[0]
-    images, labels = toy.toy_images(np.arange(num_samples), res, seed=seed + 424242, style=style)
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    geometry = toy.toy_patch_geometry(np.arange(num_samples), res, seed + 424242, style, res // model.grid_size)
-    area = torch.from_numpy(geometry[..., 2].mean(1, keepdims=True))  # [N, 1], the same images' shape areas
+    images, labels, geometry = map(torch.from_numpy, toy.toy_images_with_geometry(
+        np.arange(num_samples), res, seed + 424242, style, res // model.grid_size))
+    area = geometry[..., 2].mean(1, keepdim=True)  # [N, 1], the fraction of each image its shape covers
     g = torch.Generator().manual_seed(seed)
     alpha, sigma, _, _ = (float(c) for c in interpolant(torch.tensor(float(t)), train_args.get("path_type", "linear")))
     hidden, target = [], []

@@ -80,7 +80,12 @@ def toy_patch_geometry(indices, resolution=32, seed=0, style=TOY_STYLE, patch=4)
     """What each patch of toy item i sees, from the renderer: float32 [N, T, 3], T = (R / patch)^2 in row-major
     token order, holding (dx, dy, coverage): the offset of the patch centre from the shape's centre in units of
     the shape's half-size (x right, y down), and the fraction of the patch the shape covers (in [0, 1])."""
-    _, _, params, cover = _render(indices, resolution, seed, style)
+    return toy_images_with_geometry(indices, resolution, seed, style, patch)[2]
+
+
+def toy_images_with_geometry(indices, resolution=32, seed=0, style=TOY_STYLE, patch=4):
+    """(toy_images' images and labels, toy_patch_geometry's geometry) from one rendering."""
+    img, labels, params, cover = _render(indices, resolution, seed, style)
     n, R = len(params), resolution
     g = R // patch
     centre = (np.arange(g) + 0.5) * patch
@@ -88,7 +93,7 @@ def toy_patch_geometry(indices, resolution=32, seed=0, style=TOY_STYLE, patch=4)
     dx = np.broadcast_to((centre[None, None, :] - cx) / half, (n, g, g))
     dy = np.broadcast_to((centre[None, :, None] - cy) / half, (n, g, g))
     cov = cover[:, 0].reshape(n, g, patch, g, patch).mean(axis=(2, 4))
-    return np.stack([dx, dy, cov], -1).reshape(n, g * g, 3).astype(np.float32)
+    return img, labels, np.stack([dx, dy, cov], -1).reshape(n, g * g, 3).astype(np.float32)
 
 
 def _render(indices, resolution, seed, style):
@@ -294,9 +299,11 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objecti
         head = torch.nn.Linear(vit.embed_dim, TOY_NUM_CLASSES)
         geo_head = torch.nn.Linear(vit.embed_dim, 3)  # made (and its random numbers drawn) for both objectives
         items = np.arange(t["num_images"] + 1200)
-        images, labels = toy_images(items, resolution, seed=t["data_seed"], style=style)
-        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-        geometry = torch.from_numpy(toy_patch_geometry(items, resolution, t["data_seed"], style, patch))
+        if objective == "dense":
+            images, labels, geometry = map(torch.from_numpy, toy_images_with_geometry(items, resolution,
+                                                                                      t["data_seed"], style, patch))
+        else:
+            images, labels = map(torch.from_numpy, toy_images(items, resolution, t["data_seed"], style))
         prep = TargetEncoder("toy-vit", vit, grid_size).preprocess  # the normalization the frozen encoder uses
         vit.requires_grad_(True)  # TargetEncoder froze it
         params = list(vit.parameters()) + list(head.parameters()) + list(geo_head.parameters())
@@ -350,14 +357,25 @@ def ensure_toy_encoder(enc_type, grid_size, log=print, style=None):
 # What a toy target encoder's patch tokens carry (`python toy.py encoders`)
 # ------------------------------------------------------------------------------------------------------------------
 
-def ridge_r2(x_train, y_train, x_test, y_test, lam=1e-3):
-    """Held-out R^2 of a ridge regression y ~ x (features standardized with the training split's statistics)."""
+def ridge_fit(x_train, y_train, lam=1e-3):
+    """A ridge regression y ~ x (with intercept; features standardized with the training split's statistics,
+    penalty lam * n): returns predict(x) -> y."""
     mu, sd = x_train.mean(0), x_train.std(0)
     sd = torch.where(sd > 1e-6, sd, 1.0)  # a feature constant in training (e.g. a background pixel) is kept as is
-    a, b = (x_train - mu) / sd, (x_test - mu) / sd
-    a, b = torch.cat([a, torch.ones(len(a), 1)], 1), torch.cat([b, torch.ones(len(b), 1)], 1)
+    design = lambda x: torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1)
+    a = design(x_train)
     w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1]), a.T @ y_train)
-    return (1 - (b @ w - y_test).pow(2).sum(0) / (y_test - y_test.mean(0)).pow(2).sum(0)).tolist()
+    return lambda x: design(x) @ w
+
+
+def r2(pred, y):
+    """Coefficient of determination, per column: 1 - SSE / total sum of squares."""
+    return 1 - (pred - y).pow(2).sum(0) / (y - y.mean(0)).pow(2).sum(0)
+
+
+def ridge_r2(x_train, y_train, x_test, y_test, lam=1e-3):
+    """Held-out R^2 (a list, per column of y) of ridge_fit on the training split."""
+    return r2(ridge_fit(x_train, y_train, lam)(x_test), y_test).tolist()
 
 
 def _mean_pair_cosine(f, groups):
@@ -382,11 +400,11 @@ def encoder_layout(enc, resolution, style=TOY_STYLE, num_images=1200, seed=777):
       offset_r2             the same for the patch's offset from the shape's centre (dx, dy), mean of the two
       label_coverage_r2     R^2 of the best predictor that knows only the class and the position (the mean
                             coverage of that class at that position): what the label alone says about coverage
-    Probes: ridge regression on 2/3 of the images, R^2 on the other 1/3. Returns a dict of floats, plus the
-    tokens [N, T, D], labels and geometry [N, T, 3] for the figure."""
-    items = np.arange(num_images)
-    images, labels = toy_images(items, resolution, seed, style)
-    geometry = torch.from_numpy(toy_patch_geometry(items, resolution, seed, style, resolution // enc.grid_size))
+    Probes: ridge regression on 2/3 of the images, R^2 on the other 1/3. Returns a dict of floats, plus for the
+    figure the images, tokens [N, T, D], geometry [N, T, 3] and the probe's coverage for every patch [N, T]."""
+    images, labels, geometry = toy_images_with_geometry(np.arange(num_images), resolution, seed, style,
+                                                        resolution // enc.grid_size)
+    geometry = torch.from_numpy(geometry)
     _, tokens = enc(torch.from_numpy(images))
     labels = torch.from_numpy(labels)
     N, T, D = tokens.shape
@@ -400,14 +418,15 @@ def encoder_layout(enc, resolution, style=TOY_STYLE, num_images=1200, seed=777):
     n_train = N * 2 // 3
     x, y = tokens.reshape(N * T, D), geometry.reshape(N * T, 3)
     cut = n_train * T
-    r2 = ridge_r2(x[:cut], y[:cut], x[cut:], y[cut:])
+    probe = ridge_fit(x[:cut], y[:cut])(x)
+    probe_r2 = r2(probe[cut:], y[cut:]).tolist()
     table = torch.zeros(TOY_NUM_CLASSES * T).index_add_(0, groups[:cut], y[:cut, 2])
     count = torch.zeros(TOY_NUM_CLASSES * T).index_add_(0, groups[:cut], torch.ones(cut))
-    pred = (table / count.clamp_min(1))[groups[cut:]]
-    label_r2 = 1 - (pred - y[cut:, 2]).pow(2).sum() / (y[cut:, 2] - y[cut:, 2].mean()).pow(2).sum()
+    label_r2 = r2((table / count.clamp_min(1))[groups[cut:]], y[cut:, 2]).item()
     return {"within_class_cosine": float(np.mean(within)), "between_class_cosine": float(np.mean(between)),
-            "coverage_r2": r2[2], "offset_r2": (r2[0] + r2[1]) / 2, "label_coverage_r2": label_r2.item(),
-            "tokens": tokens, "labels": labels, "geometry": geometry, "images": images}
+            "coverage_r2": probe_r2[2], "offset_r2": (probe_r2[0] + probe_r2[1]) / 2, "label_coverage_r2": label_r2,
+            "tokens": tokens, "labels": labels, "geometry": geometry, "images": images,
+            "probe_coverage": probe[:, 2].reshape(N, T)}
 
 
 def layout_figure(path, results, examples, scale=8):
@@ -429,18 +448,14 @@ def layout_figure(path, results, examples, scale=8):
     names.append("coverage")
     for name, r in results.items():
         N, T, D = r["tokens"].shape
-        x = r["tokens"].reshape(N * T, D)
-        cut = N * 2 // 3 * T
-        mu, sd = x[:cut].mean(0), x[:cut].std(0).clamp_min(1e-6)
-        a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1)
-        w = torch.linalg.solve(a[:cut].T @ a[:cut] + 1e-3 * cut * torch.eye(D + 1),
-                               a[:cut].T @ r["geometry"].reshape(N * T, 3)[:cut, 2:])
-        cover = (a @ w).reshape(N, T)
-        xc = x - x.mean(0)
-        _, _, v = torch.pca_lowrank(xc, q=3, center=False)
+        xc = r["tokens"].reshape(N * T, D)
+        xc = xc - xc.mean(0)
+        _, vecs = torch.linalg.eigh(xc.T @ xc)  # exact and deterministic (pca_lowrank draws random projections)
+        v = vecs[:, -3:].flip(1)  # the three largest components, largest first
+        v = v * torch.sign(v[v.abs().argmax(0), torch.arange(3)])  # sign: largest loading positive
         pcs = xc @ v
         pcs = ((pcs - pcs.amin(0)) / (pcs.amax(0) - pcs.amin(0)).clamp_min(1e-6)).reshape(N, T, 3)
-        tiles.append([grid_tile(cover[i]) for i in examples])
+        tiles.append([grid_tile(r["probe_coverage"][i]) for i in examples])
         names.append(f"{name}: probe")
         tiles.append([grid_tile(pcs[i]) for i in examples])
         names.append(f"{name}: PCA")
@@ -603,7 +618,7 @@ def run_trainings(runs, jobs=1):
     its own message is printed above."""
     env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or jobs) // jobs)))
     pending, running, failed = list(runs), [], []
-    while pending or running:
+    while (pending and not failed) or running:  # after a failure: no new run, wait for the running ones
         while pending and len(running) < jobs and not failed:
             name, flags, done = pending.pop(0)
             print(f"=== {name}: python train.py {' '.join(flags)}", flush=True)
@@ -619,8 +634,6 @@ def run_trainings(runs, jobs=1):
                 failed.append(f"`python train.py {' '.join(flags)}` exited with status {proc.returncode}")
         if running:
             time.sleep(0.5)
-        if failed and not running:
-            break
     if failed:
         raise UsageError(f"{'; '.join(failed)} (its message is above); rerun the same command to continue: "
                          f"finished runs are kept")
