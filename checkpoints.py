@@ -74,7 +74,7 @@ def checkpoint_steps(checkpoint_dir):
 
 # What must agree between a checkpoint and the run that resumes it (anything else may change, e.g. the path).
 RESUME_KEYS = ("model", "input_size", "in_channels", "num_classes", "encoder_depth", "projector_dim", "enc_type",
-               "reg", "method", "path_type", "resolution")
+               "reg", "method", "path_type", "resolution", "projector", "target_norm")
 
 
 def check_resume_compatible(ckpt_args, args, path):

@@ -96,6 +96,11 @@ ENCODERS = {
     "toy-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="class"),
     # The same, trained to say also where in the shape each patch is (toy.train_toy_encoder, objective "dense").
     "toy-vit-dense": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="dense"),
+    # The same network trained WITHOUT labels: masked-patch reconstruction (toy.train_toy_encoder, objective "mae").
+    "toy-vit-mae": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="mae"),
+    # No network: each patch's geometry read off the clean toy image (ToyOracle); the upper bound of a target that
+    # knows the layout. Toy data only.
+    "toy-oracle": dict(oracle=True, hub=False),
 }
 _BY_LOWER = {k.lower(): k for k in ENCODERS}
 # The released code spells DINOv2 with registers `dinov2reg-vit-b` (its loader reads the type from the first word).
@@ -173,6 +178,50 @@ def vit_tokens(vit, x, final_norm=True):
     patches = x[:, vit.num_prefix_tokens:]
     cls = x[:, 0] if vit.cls_token is not None else patches.mean(dim=1)
     return cls, patches
+
+
+class ToyOracle(nn.Module):
+    """`toy-oracle`: a target made of what each patch of a clean toy image shows, read off the pixels (no network,
+    no parameters): the upper bound of "a representation that knows the layout" and nothing else.
+
+        mask      = chroma / max_pixels chroma,  chroma = max_c x - min_c x     the share of each pixel the shape
+                    covers (exact on a flat grey background, where chroma is the shape's colour times coverage)
+        centre    = mask-weighted mean pixel position;  half = sqrt(mask area) / 2  (a square's half-size)
+        f^[n]     = (dx_n, dy_n, cover_n, cover of the patch's 4 quarters)   [7 numbers]
+                    dx, dy: offset of the patch centre from the region's centre in half-sizes (x right, y down)
+        cls       = mean_n f^[n]  (REG's class token: a summary, since the oracle knows no class)
+
+    On the flat-background toy styles this equals the renderer's toy.toy_patch_geometry (up to the pixel grid)."""
+
+    embed_dim = 7
+
+    def __init__(self, grid_size):
+        super().__init__()
+        self.name, self.grid_size = "toy-oracle", grid_size
+
+    @torch.no_grad()
+    def forward(self, images):
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
+            raise ValueError(f"toy-oracle expects uint8 images [N, 3, H, W], got {getattr(images, 'shape', images)}")
+        x = images.float() / 255
+        N, _, H, W = x.shape
+        g = self.grid_size
+        if H % (2 * g) or W % (2 * g):
+            raise ValueError(f"toy-oracle: a {H}x{W} image does not split into {g}x{g} patches of even size")
+        chroma = x.amax(1) - x.amin(1)  # [N, H, W]
+        mask = chroma / chroma.amax((1, 2), keepdim=True).clamp_min(0.05)
+        area = mask.sum((1, 2)).clamp_min(1e-6)
+        ys, xs = torch.arange(H, device=x.device) + 0.5, torch.arange(W, device=x.device) + 0.5
+        cy, cx = (mask * ys[:, None]).sum((1, 2)) / area, (mask * xs[None, :]).sum((1, 2)) / area
+        half = area.sqrt() / 2
+        centres_y = (torch.arange(g, device=x.device) + 0.5) * H / g
+        centres_x = (torch.arange(g, device=x.device) + 0.5) * W / g
+        dy = ((centres_y[None, :] - cy[:, None]) / half[:, None])[:, :, None].expand(N, g, g)
+        dx = ((centres_x[None, :] - cx[:, None]) / half[:, None])[:, None, :].expand(N, g, g)
+        quarters = F.avg_pool2d(mask[:, None], (H // (2 * g), W // (2 * g)))[:, 0]  # [N, 2g, 2g]
+        q = quarters.reshape(N, g, 2, g, 2).permute(0, 1, 3, 2, 4).reshape(N, g, g, 4)
+        patches = torch.cat([dx[..., None], dy[..., None], q.mean(-1, keepdim=True), q], -1).reshape(N, g * g, 7)
+        return patches.mean(1), patches
 
 
 def _read_weight_file(path):
@@ -284,6 +333,10 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, toy
     import timm
     key = canonical_name(name)
     cfg = ENCODERS[key]
+    if cfg.get("oracle"):
+        if enc_path:
+            raise UsageError(f"{key} has no weights (it computes its features from the image): drop --enc-path")
+        return ToyOracle(grid_size)
     kwargs = {**cfg.get("kwargs", {}), **timm_kwargs}
     patch = kwargs.get("patch_size") or int(re.search(r"patch(\d+)", cfg["timm"]).group(1))
     kwargs.update(num_classes=0, img_size=grid_size * patch)  # pos_embed built for (and resampled to) this grid
@@ -364,7 +417,8 @@ TOY_TRAIN = dict(steps=150, batch_size=128, lr=2e-3, weight_decay=0.05, num_imag
 # another, and each style gets its own encoder file (trained on that style)
 
 
-TOY_OBJECTIVES = {"class": "toy-vit", "dense": "toy-vit-dense"}  # toy.train_toy_encoder's objectives
+TOY_OBJECTIVES = {"class": "toy-vit", "dense": "toy-vit-dense", "mae": "toy-vit-mae"}  # train_toy_encoder's
+TOY_ENCODERS = (*TOY_OBJECTIVES.values(), "toy-oracle")  # the target encoders that fit only the toy set
 
 
 def toy_encoder_path(grid_size, objective="class", style=None):

@@ -7,6 +7,7 @@ Conventions (SiT; as in the released REPA/REG code): t in [0, 1], t = 0 is data,
     pred_loss        ||v_theta(z_t, t) - v||^2                                                 (SiT; REG L_pred)
     repa_loss        -1/N sum_n sim(y_*^[n], h_phi(h_t^[n]))                                   (REPA eq. 2)
     repa_targets     y_* = [cls_*, f_*] for REG                                                (REG §3)
+    spatial_normalize  f_* <- (f_* - gamma mean_n f_*) / std_n f_*   (optional, iREPA §5)
     compute_loss     L = L_pred + beta L_pred^cls + lambda L_REPA                               (REPA eq. 3, REG)
 """
 import math
@@ -96,6 +97,23 @@ def repa_targets(cls_token, patch_tokens, reg):
     """Alignment target y_*: the encoder's patch tokens f_* (REPA), or [cls_*, f_*] with the class token
     prepended (REG, matching the class token the model sees at position 0)."""
     return torch.cat([cls_token.unsqueeze(1), patch_tokens], 1) if reg else patch_tokens
+
+
+def spatial_normalize(patch_tokens, gamma=1.0, eps=1e-6):
+    """iREPA's spatial normalization of the target (Singh et al. 2025, arXiv 2512.10794, §5), per image and per
+    channel, over the N patch tokens:
+
+        f^[n] <- (f^[n] - gamma * 1/N sum_m f^[m]) / (std_m f^[m] + eps)      (std: unbiased, over the tokens)
+
+    Subtracting the token mean removes what every token of an image shares (e.g. a per-image class code), so
+    that what is left to align to is how the tokens differ across the image: its spatial structure.
+    patch_tokens: [B, N, D] with N >= 2. Off by default (train.py --target-norm), as in REPA and REG."""
+    if patch_tokens.shape[1] < 2:
+        raise ValueError(f"spatial normalization needs at least 2 patch tokens per image, got "
+                         f"{patch_tokens.shape[1]}")
+    mean = patch_tokens.mean(dim=1, keepdim=True)
+    std = patch_tokens.std(dim=1, keepdim=True)
+    return (patch_tokens - gamma * mean) / (std + eps)
 
 
 def compute_loss(model, x, y, zs_target, cls_target=None, path_type="linear", weighting="uniform",

@@ -177,6 +177,9 @@ class FinalLayer(nn.Module):
         return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
+PROJECTORS = ("mlp", "conv")  # REPA's per-token MLP (the recipe) | iREPA's 3x3 convolution over the token grid
+
+
 def build_mlp(hidden_size, projector_dim, z_dim):
     """REPA projector h_phi: Linear(hidden, P) - SiLU - Linear(P, P) - SiLU - Linear(P, z_dim)."""
     return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
@@ -184,12 +187,34 @@ def build_mlp(hidden_size, projector_dim, z_dim):
                          nn.Linear(projector_dim, z_dim))
 
 
+class ConvProjector(nn.Module):
+    """iREPA's projector h_phi (Singh et al. 2025, arXiv 2512.10794, §5): one 3x3 convolution over the token grid
+    instead of the per-token MLP, so that each projected token also sees its neighbours:
+
+        h_phi(h)[i, j] = sum_{|di|, |dj| <= 1} W_{di,dj} h[i + di, j + dj] + b      (zero padding at the border)
+
+    With REG the class token (position 0) has no grid position: it goes through its own Linear(hidden, z_dim)."""
+
+    def __init__(self, hidden_size, z_dim, grid_size, has_cls=False):
+        super().__init__()
+        self.grid_size = grid_size
+        self.conv = nn.Conv2d(hidden_size, z_dim, kernel_size=3, padding=1)
+        self.cls = nn.Linear(hidden_size, z_dim) if has_cls else None
+
+    def forward(self, h):
+        cls, h = (h[:, :1], h[:, 1:]) if self.cls is not None else (None, h)
+        n, T, D = h.shape
+        grid = h.transpose(1, 2).reshape(n, D, self.grid_size, self.grid_size)  # row-major tokens -> [N, D, g, g]
+        z = self.conv(grid).flatten(2).transpose(1, 2)
+        return z if cls is None else torch.cat([self.cls(cls), z], dim=1)
+
+
 class SiT(nn.Module):
     """SiT backbone + REPA projectors (one per entry of z_dims) + optional REG class token (cls_dim)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dims=(768,),
-                 projector_dim=2048, cls_dim=None):
+                 projector_dim=2048, cls_dim=None, projector="mlp"):
         super().__init__()
         z_dims = list(z_dims or [])
         # The first two are reachable from flags (train.py --model / --resolution, --encoder-depth): bad input.
@@ -215,7 +240,12 @@ class SiT(nn.Module):
         num_tokens = self.grid_size ** 2 + (cls_dim is not None)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
+        if projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
+        self.projector = projector
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) if projector == "mlp" else
+                                         ConvProjector(hidden_size, z, self.grid_size, cls_dim is not None)
+                                         for z in z_dims])
         if cls_dim is not None:
             # REG class-token input: cls_t' = LayerNorm(Linear(cls_t)), affine LayerNorm, eps 1e-6 [code].
             self.cls_projectors2 = nn.Linear(cls_dim, hidden_size)
@@ -294,7 +324,10 @@ class SiT(nn.Module):
         per_block = 2 * D * 6 * D + 2 * T * D * (3 * D + D + 2 * 4 * D) + 2 * 2 * T * T * D
         flops = 2 * T * out * D + 2 * (256 * D + D * D) + self.depth * per_block + 2 * D * 2 * D + 2 * T * D * out
         for z in self.z_dims:
-            flops += 2 * T * (D * self.projector_dim + self.projector_dim ** 2 + self.projector_dim * z)
+            if self.projector == "conv":
+                flops += 2 * T * 9 * D * z
+            else:
+                flops += 2 * T * (D * self.projector_dim + self.projector_dim ** 2 + self.projector_dim * z)
         if self.cls_dim is not None:
             flops += 2 * 2 * self.cls_dim * D
         return flops
@@ -401,6 +434,7 @@ def detect_model_config(sd):
         input_size                  <- pos_embed [1, grid^2 (+1 with REG), hidden]: grid * patch
         num_classes                 <- y_embedder.embedding_table.weight [num_classes + 1, hidden]
         z_dims, projector_dim       <- projectors.k.4.weight [z_dim, P], projectors.k.0.weight [P, hidden]
+        iREPA's conv projector      <- projectors.k.conv.weight [z_dim, hidden, 3, 3]
 
     encoder_depth is not in the shapes (it only decides where the projector reads, which sampling never uses);
     it gets the released default for the size."""
@@ -417,14 +451,17 @@ def detect_model_config(sd):
     tokens = sd["pos_embed"].shape[1] - (cls_dim is not None)
     grid = math.isqrt(tokens)
     z_dims, k = [], 0
-    while f"projectors.{k}.4.weight" in sd:
-        z_dims.append(sd[f"projectors.{k}.4.weight"].shape[0])
+    projector = "conv" if "projectors.0.conv.weight" in sd else "mlp"  # iREPA's projector (train.py --projector)
+    last = "conv.weight" if projector == "conv" else "4.weight"
+    while f"projectors.{k}.{last}" in sd:
+        z_dims.append(sd[f"projectors.{k}.{last}"].shape[0])
         k += 1
     name = f"SiT-{size}/{patch}"
     return dict(model=name, input_size=grid * patch, in_channels=in_channels,
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
                 encoder_depth=default_encoder_depth(name), z_dims=z_dims,
-                projector_dim=sd["projectors.0.0.weight"].shape[0] if z_dims else 2048, cls_dim=cls_dim)
+                projector_dim=sd["projectors.0.0.weight"].shape[0] if z_dims and projector == "mlp" else 2048,
+                cls_dim=cls_dim, projector=projector)
 
 
 def describe_config(c):

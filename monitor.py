@@ -171,9 +171,16 @@ def save_samples(ema, monitor, step, args, ctx, exp_dir, log):
     images, labels = sample_grid(ema, noise, args, ctx, vae, path)
     msg = f"saved EMA samples {path}"
     if args.data_dir == "toy":
-        acc = toy.toy_accuracy(images, labels)
-        log.metrics(step, {f"toy_{k}": v for k, v in acc.items()})
-        msg += f" | toy accuracy: joint {acc['joint']:.3f} (shape {acc['shape']:.3f}, colour {acc['colour']:.3f})"
+        style = getattr(args, "toy_style", toy.TOY_STYLE)
+        fd = toy.toy_fd(images, args.resolution, style) if len(images) >= 2 else float("nan")
+        if unconditional(args):  # no labels to be right about: the distance only
+            log.metrics(step, {"toy_fd": fd})
+            msg += f" | toy FD {fd:.3f} (unconditional)"
+        else:
+            acc = toy.toy_accuracy(images, labels)
+            log.metrics(step, {"toy_fd": fd, **{f"toy_{k}": v for k, v in acc.items()}})
+            msg += (f" | toy FD {fd:.3f}, accuracy: joint {acc['joint']:.3f} (shape {acc['shape']:.3f}, colour "
+                    f"{acc['colour']:.3f})")
         real_path = os.path.join(exp_dir, "samples", "real.png")
         if not os.path.exists(real_path):
             real = toy.toy_class_examples(labels.cpu(), args.resolution, style=getattr(args, "toy_style",
@@ -182,16 +189,24 @@ def save_samples(ema, monitor, step, args, ctx, exp_dir, log):
     log.info(msg)
 
 
+def unconditional(args):
+    """--cfg-prob 1 drops every label in training: the model is class-unconditional and is sampled with the null
+    label, without guidance."""
+    return args.cfg_prob >= 1
+
+
 @torch.no_grad()
 def sample_grid(ema, noise, args, ctx, vae, path):
     """EMA image grid from fixed noise and labels (Euler ODE, --sample-cfg-scale); decoded through the VAE for latent
     data. Runs in a forked RNG so that sampling never changes the training random stream. Returns
     (uint8 images, labels)."""
     latents, labels, cls_latents = noise
+    cfg_scale = 1.0 if unconditional(args) else args.sample_cfg_scale
+    y = torch.full_like(labels, args.num_classes) if unconditional(args) else labels  # the null label
     with torch.random.fork_rng(devices=[latents.device] if latents.device.type == "cuda" else []), ctx:
-        z = sample.euler_sampler(ema, latents, labels, num_steps=args.sample_steps, path_type=args.path_type,
-                                 cfg_scale=args.sample_cfg_scale, cls_latents=cls_latents,
-                                 cls_cfg_scale=args.sample_cfg_scale if cls_latents is not None else 0)
+        z = sample.euler_sampler(ema, latents, y, num_steps=args.sample_steps, path_type=args.path_type,
+                                 cfg_scale=cfg_scale, cls_latents=cls_latents,
+                                 cls_cfg_scale=cfg_scale if cls_latents is not None else 0)
         x = sample.decode(z, None if args.pixel_space else vae, args.latent_scale)
     images = sample.to_uint8(x).cpu()
     sample.save_grid(images, path, nrow=int(math.ceil(math.sqrt(len(images)))))

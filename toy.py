@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import encoders
+from frechet import frechet_distance, gaussian_statistics
 from plumbing import UsageError, run_script, write_atomic
 
 
@@ -162,6 +163,13 @@ class ToyDataset(torch.utils.data.Dataset):
 def _toy_features(images):
     """Shape/colour descriptor of toy-like images: (chromaticity of the saturated region [N, 3],
     its mask resampled from its bounding box to 8x8 [N, 64]). Translation and scale invariant."""
+    col, shape, _ = _toy_descriptor(images)
+    return col, shape
+
+
+def _toy_descriptor(images):
+    """_toy_features' (chromaticity, 8x8 box mask) and the region's geometry [N, 5]: area, centroid (y, x) and
+    bounding-box size (h, w), each as a fraction of the image (what the scale-invariant mask does not say)."""
     x = torch.as_tensor(images).float() / 255  # [N, 3, H, W]
     N, _, H, W = x.shape
     # 3x3 smoothing first, so that pixel noise (e.g. of a half-trained model) does not look like colour.
@@ -187,7 +195,52 @@ def _toy_features(images):
     gy = (y0[:, None] + t[None] * (y1 - y0)[:, None]) / H * 2 - 1
     grid = torch.stack([gx[:, None, :].expand(N, 16, 16), gy[:, :, None].expand(N, 16, 16)], dim=-1)
     shape = F.avg_pool2d(F.grid_sample(mask[:, None], grid, align_corners=False), 2).flatten(1)
-    return col, shape
+    cy = (mask * (ar_h[:, None] + 0.5)).sum((1, 2)) / msum / H
+    cx = (mask * (ar_w[None, :] + 0.5)).sum((1, 2)) / msum / W
+    geo = torch.stack([msum / (H * W), cy, cx, (y1 - y0) / H, (x1 - x0) / W], dim=1)
+    return col, shape, geo
+
+
+# The toy Frechet distance: FID's formula on the hand-made descriptor above, which no target encoder shares.
+FD_REAL_IMAGES, FD_REAL_SEED = 4096, 424242  # real images the reference statistics come from (a held-out seed)
+_FD_REFERENCE = {}
+
+
+def toy_fd_features(images):
+    """[N, 72] features of toy-like uint8 images for toy_fd: the chromaticity (3), the 8x8 box mask (64) and the
+    geometry (5: area, centroid, box size) of _toy_descriptor, each block scaled by a fixed weight so that its
+    total variance over real `varied` toy images is about 1 (so the 64 mask numbers do not drown colour and size)."""
+    col, shape, geo = _toy_descriptor(images)
+    return torch.cat([col * FD_BLOCK_WEIGHTS[0], shape * FD_BLOCK_WEIGHTS[1], geo * FD_BLOCK_WEIGHTS[2]], 1).double()
+
+
+# 1 / sqrt(total variance) of each block over 4096 real `varied` 16 px toy images (rounded); fixed
+# numbers, so that the distance does not depend on the style a model is trained on.
+FD_BLOCK_WEIGHTS = (2.40, 0.667, 4.41)
+
+
+def _fd_reference(resolution, style):
+    key = (resolution, style)
+    if key not in _FD_REFERENCE:
+        imgs, _ = toy_images(np.arange(FD_REAL_IMAGES), resolution, seed=FD_REAL_SEED, style=style)
+        _FD_REFERENCE[key] = gaussian_statistics(toy_fd_features(torch.from_numpy(imgs)).numpy())
+    return _FD_REFERENCE[key]
+
+
+def toy_fd(images, resolution, style=TOY_STYLE):
+    """Toy Frechet distance: FID's formula between Gaussians fitted to toy_fd_features of the generated images and
+    of FD_REAL_IMAGES real toy images of `style` (held-out seed), lower is better, 0 for a perfect match:
+
+        FD = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2))
+
+    Unlike the accuracy it needs no labels (unconditional samples too) and it sees size and diversity: a model
+    that draws every shape at one size, or only some classes, is far from the real set even if each image is
+    right. Like FID it is biased upwards for few samples: compare runs at the same number of images (>= 256)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 2:
+        raise UsageError(f'toy_fd expects uint8 images [N >= 2, 3, H, W], got {tuple(images.shape)} {images.dtype}')
+    mu_g, sigma_g = gaussian_statistics(toy_fd_features(images.cpu()).numpy())
+    return frechet_distance(mu_g, sigma_g, *_fd_reference(resolution, style))
 
 
 _TOY_PROTOTYPES = {}
@@ -276,10 +329,16 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objecti
     renderer says the patch sees (toy_patch_geometry: offset from the shape's centre in half-sizes, coverage):
         L = CE(W cls, y) + 1/T sum_n [ CE(W f^[n], y) + ||G f^[n] - (dx_n, dy_n, cover_n)||^2 ]
     so that patch tokens also say where in the shape they are, which the label does not (a stand-in for the
-    layout DINOv2's patch tokens carry). Toy images of resolution grid_size * 4 (patch 4: one token per SiT-*/4
+    layout DINOv2's patch tokens carry).
+    objective "mae" (`toy-vit-mae`): no labels. Half of the patches of each image (at random) are blanked to 0 in
+    the normalized input, and a linear head P on every patch token reconstructs the patch's normalized pixels;
+    the loss is taken on the blanked patches, as in a masked autoencoder (He et al. 2022):
+        L = 1/|M| sum_{n in M} ||P f^[n] - x^[n]||^2 / (3 p^2)
+    so that the tokens carry what the image shows where, learnt from images alone (REPA Table 2: an MAE target
+    already gives most of DINOv2's gain). Its class token gets no loss of its own. Toy images of resolution grid_size * 4 (patch 4: one token per SiT-*/4
     token), rendered with their own seed (not the training set's), normalized as TargetEncoder.preprocess does.
     AdamW, warm-up and cosine learning-rate decay, fp32. style: the toy style to train on (default TOY_TRAIN's).
-    Returns the held-out class-token accuracy.
+    Returns the held-out class-token accuracy ("mae": the held-out reconstruction error of the blanked patches).
     """
     import timm
     from safetensors.torch import save
@@ -297,7 +356,8 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objecti
         torch.manual_seed(t["seed"])
         vit = timm.create_model(cfg["timm"], pretrained=False, num_classes=0, img_size=resolution, **cfg["kwargs"])
         head = torch.nn.Linear(vit.embed_dim, TOY_NUM_CLASSES)
-        geo_head = torch.nn.Linear(vit.embed_dim, 3)  # made (and its random numbers drawn) for both objectives
+        geo_head = torch.nn.Linear(vit.embed_dim, 3)  # made (and its random numbers drawn) for every objective
+        pix_head = torch.nn.Linear(vit.embed_dim, 3 * patch * patch) if objective == "mae" else None
         items = np.arange(t["num_images"] + 1200)
         if objective == "dense":
             images, labels, geometry = map(torch.from_numpy, toy_images_with_geometry(items, resolution,
@@ -307,6 +367,9 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objecti
         prep = TargetEncoder("toy-vit", vit, grid_size).preprocess  # the normalization the frozen encoder uses
         vit.requires_grad_(True)  # TargetEncoder froze it
         params = list(vit.parameters()) + list(head.parameters()) + list(geo_head.parameters())
+        if pix_head is not None:
+            params += list(pix_head.parameters())
+            mask_gen = torch.Generator().manual_seed(t["seed"] + 1)
         opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(
             math.pi * s / steps)))
@@ -314,10 +377,13 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objecti
         vit.train()
         for s in range(steps):
             i = order[(s * batch_size + torch.arange(batch_size)) % t["num_images"]]
-            cls, patches = vit_tokens(vit, prep(images[i]))
-            y = labels[i]
-            loss = F.cross_entropy(head(cls), y) + F.cross_entropy(head(patches).flatten(0, 1),
-                                                                   y.repeat_interleave(patches.shape[1]))
+            if objective == "mae":
+                loss = masked_patch_loss(vit, pix_head, prep(images[i]), patch, grid_size, mask_gen)
+            else:
+                cls, patches = vit_tokens(vit, prep(images[i]))
+                y = labels[i]
+                loss = F.cross_entropy(head(cls), y) + F.cross_entropy(head(patches).flatten(0, 1),
+                                                                       y.repeat_interleave(patches.shape[1]))
             if objective == "dense":
                 loss = loss + (geo_head(patches) - geometry[i]).pow(2).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
@@ -328,18 +394,37 @@ def train_toy_encoder(grid_size, path=None, steps=None, batch_size=None, objecti
                 log(f"  step {s + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
         vit.eval()
         with torch.no_grad():  # held-out items (the last 1200)
-            cls, _ = vit_tokens(vit, prep(images[t["num_images"]:]))
-            acc = (head(cls).argmax(1) == labels[t["num_images"]:]).float().mean().item()
+            if objective == "mae":
+                acc = masked_patch_loss(vit, pix_head, prep(images[t["num_images"]:]), patch, grid_size,
+                                        torch.Generator().manual_seed(0)).item()
+            else:
+                cls, _ = vit_tokens(vit, prep(images[t["num_images"]:]))
+                acc = (head(cls).argmax(1) == labels[t["num_images"]:]).float().mean().item()
     if path is None:
         return acc
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    what = "held_out_mse" if objective == "mae" else "held_out_accuracy"
     meta = {"enc_type": TOY_OBJECTIVES[objective], "objective": objective, "grid_size": str(grid_size),
-            "held_out_accuracy": f"{acc:.4f}", **{k: str(v) for k, v in t.items()}, "style": style,
+            what: f"{acc:.4f}", **{k: str(v) for k, v in t.items()}, "style": style,
             "steps": str(steps), "batch_size": str(batch_size)}
     write_atomic(path, save({k: v.contiguous() for k, v in vit.state_dict().items()}, metadata=meta))
-    log(f"{TOY_OBJECTIVES[objective]} trained in {time.time() - t0:.0f} s: held-out class-token accuracy "
-        f"{acc:.3f}; saved {path}")
+    log(f"{TOY_OBJECTIVES[objective]} trained in {time.time() - t0:.0f} s: held-out "
+        f"{'masked-patch MSE' if objective == 'mae' else 'class-token accuracy'} {acc:.3f}; saved {path}")
     return acc
+
+
+def masked_patch_loss(vit, pix_head, x, patch, grid_size, generator, ratio=0.5):
+    """train_toy_encoder's "mae" loss on a normalized batch x [N, 3, S, S]: blank a random half of the patches,
+    reconstruct their pixels from the patch tokens through pix_head; mean squared error over the blanked ones."""
+    from encoders import vit_tokens
+    n, T = x.shape[0], grid_size * grid_size
+    masked = torch.rand(n, T, generator=generator).argsort(1) < int(ratio * T)  # [N, T], exactly ratio*T each
+    pixel_mask = masked.view(n, 1, grid_size, 1, grid_size, 1).float()
+    xm = (x.view(n, 3, grid_size, patch, grid_size, patch) * (1 - pixel_mask)).view_as(x)
+    target = x.view(n, 3, grid_size, patch, grid_size, patch).permute(0, 2, 4, 1, 3, 5).reshape(n, T, -1)
+    _, tokens = vit_tokens(vit, xm)
+    err = (pix_head(tokens) - target).pow(2).mean(-1)  # [N, T]
+    return (err * masked).sum() / masked.sum()
 
 
 def ensure_toy_encoder(enc_type, grid_size, log=print, style=None):

@@ -40,8 +40,8 @@ import encoders as encoders_module
 import toy
 from checkpoints import load_resume, restore, seed_everything, seed_rank, save_training_state, set_optimizer_flags
 from encoders import VAE_SCALE
-from losses import compute_loss, repa_targets
-from model import SiT_models, default_encoder_depth
+from losses import compute_loss, repa_targets, spatial_normalize
+from model import PROJECTORS, SiT_models, default_encoder_depth
 from monitor import (STATS, BenchmarkTimer, Logger, Meter, StopSignal, check_finite, device_peak_tflops,
                      make_monitor, out_of_memory_message, reduce_stats, save_samples)
 from plumbing import (RefusedFlag, UsageError, autocast_ctx, released_spelling, set_tf32, setup_distributed,
@@ -60,7 +60,7 @@ def train_step(model, raw_model, ema_params, params, opt, scaler, batches, encod
     align = bool(raw_model.z_dims)
     for i in range(args.grad_accum):
         x, y, zs_target, cls_target = prepare_batch(next(batches), encoders, args.latent_scale, args.reg, align,
-                                                    device, ctx)
+                                                    device, ctx, target_norm_gamma(args))
         if args.legacy:  # the released --legacy: a second label dropout before the model's own
             y = drop_labels(y, args.cfg_prob, args.num_classes)
         last = i == args.grad_accum - 1
@@ -81,13 +81,13 @@ def train_step(model, raw_model, ema_params, params, opt, scaler, batches, encod
     return dict(zip(STATS, torch.cat([terms, grad_norm.detach().float().reshape(1)])))
 
 
-def prepare_batch(batch, encoders, latent_scale, reg, align, device, ctx):
+def prepare_batch(batch, encoders, latent_scale, reg, align, device, ctx, target_norm=None):
     """(image, moments, y) -> model input x, labels, alignment targets y_* and REG's class token cls_*.
 
         x = (mean + std * eps) * latent_scale          (posterior sample of the stored VAE moments)
 
     The frozen encoders see the uint8 images under no_grad in the training autocast; their features are cast
-    to fp32 for the loss."""
+    to fp32 for the loss. target_norm: gamma of iREPA's spatial normalization of the patch tokens (None: off)."""
     image, moments, y = (b.to(device, non_blocking=True) for b in batch)
     mean, std = moments.float().chunk(2, dim=1)
     x = (mean + std * torch.randn_like(mean)) * latent_scale
@@ -95,9 +95,16 @@ def prepare_batch(batch, encoders, latent_scale, reg, align, device, ctx):
     if encoders:
         with torch.no_grad(), ctx:
             feats = [enc(image) for enc in encoders]
+    if target_norm is not None:  # iREPA: the alignment targets only; REG's class token stays as it is
+        feats = [(cls, spatial_normalize(patches.float(), target_norm)) for cls, patches in feats]
     zs_target = [repa_targets(cls.float(), patches.float(), reg) for cls, patches in feats] if align else []
     cls_target = feats[0][0].float() if reg else None
     return x, y, zs_target, cls_target
+
+
+def target_norm_gamma(args):
+    """gamma of --target-norm spatial (iREPA), None when the targets are used as the encoder gives them."""
+    return args.target_norm_gamma if args.target_norm == "spatial" else None
 
 
 def drop_labels(y, prob, null_label):
@@ -312,11 +319,15 @@ def build_training(args, device, grid_size, bench, log):
                          "Alignment to it checks the code path, it does NOT give REPA/REG's speed-up.")
                 log.info("!" * 100)
     args.z_dims = [enc.embed_dim for enc in encoders] if args.proj_coeff > 0 else []
+    if args.z_dims and args.target_norm == "spatial" and grid_size ** 2 < 2:
+        raise UsageError(f"--target-norm spatial normalizes over the patch tokens, but {args.model} at --resolution "
+                         f"{args.resolution} has a {grid_size}x{grid_size} token grid; use a smaller patch or drop "
+                         f"--target-norm")
     args.cls_dim = encoders[0].embed_dim if args.reg else None
     raw_model = SiT_models[args.model](
         input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes,
         encoder_depth=args.encoder_depth, z_dims=args.z_dims, projector_dim=args.projector_dim,
-        cls_dim=args.cls_dim, class_dropout_prob=args.cfg_prob).to(device)
+        cls_dim=args.cls_dim, class_dropout_prob=args.cfg_prob, projector=args.projector).to(device)
     raw_model.grad_checkpointing = args.grad_checkpointing
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -414,6 +425,9 @@ def build_parser():
     g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's (1000 for ImageNet)")
     g.add_argument("--encoder-depth", type=int, default=None, help="default: 4 for SiT-B/T/S, 8 for SiT-L/XL")
     g.add_argument("--projector-dim", type=int, default=2048)
+    g.add_argument("--projector", default="mlp", choices=list(PROJECTORS),
+                   help="REPA's per-token MLP (default), or iREPA's 3x3 convolution over the token grid "
+                        "(Singh et al. 2025, §5)")
     g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
                    help="accepted for the released command lines: attention always runs through torch SDPA "
                         "(the same math as the released fused and unfused paths)")
@@ -476,6 +490,10 @@ def build_parser():
                    help="target encoder(s), comma separated; 'none' = plain SiT; 'toy-vit' (or 'toy-vit-dense', which "
                         "also knows where in the shape each patch is) = small ViT trained on the toy set (--data-dir "
                         "toy only); 'tiny-vit' = random ViT (tests, benchmarks)")
+    g.add_argument("--target-norm", default="none", choices=["none", "spatial"],
+                   help="spatial: normalize each image's target patch tokens over the tokens, "
+                        "(f - gamma mean) / std (iREPA, Singh et al. 2025, §5); none: as the encoder gives them")
+    g.add_argument("--target-norm-gamma", type=float, default=1.0, help="gamma of --target-norm spatial")
     g.add_argument("--enc-path", default=None, help="local encoder weights (offline)")
     g.add_argument("--random-encoder", action="store_true", help="random-init target encoder (tests only)")
     g.add_argument("--proj-coeff", type=float, default=0.5, help="lambda of L_REPA; 0 = plain SiT")
@@ -536,12 +554,18 @@ def check_args(args, world_size):
     if args.repa and args.reg:
         raise UsageError("--repa and --reg exclude each other (REG includes REPA's alignment term); pick one")
     toy_encoders = [n.strip() for n in args.enc_type.split(",")
-                    if n.strip().lower() in encoders_module.TOY_OBJECTIVES.values()]
+                    if n.strip().lower() in encoders_module.TOY_ENCODERS]
     if args.data_dir != "toy" and toy_encoders:
         raise UsageError(f"--enc-type {toy_encoders[0]} is trained on the toy shapes and only fits --data-dir toy (got "
                          f"--data-dir {args.data_dir}); use a real encoder such as dinov2-vit-b for other data")
     if args.repa and (args.proj_coeff <= 0 or args.enc_type == "none"):
         raise UsageError("--repa needs --proj-coeff > 0 and a target encoder (--enc-type)")
+    aligned = args.proj_coeff > 0 and args.enc_type != "none"
+    for flag, value, off in (("--target-norm", args.target_norm, "none"), ("--projector", args.projector, "mlp")):
+        if value != off and not aligned:
+            raise UsageError(f"{flag} {value} changes REPA's alignment term, which this run does not have "
+                             f"(--proj-coeff {args.proj_coeff}, --enc-type {args.enc_type}): drop {flag} or align "
+                             f"to an encoder")
     if args.encoder_depth is None:
         args.encoder_depth = default_encoder_depth(args.model)
     if args.micro_batch_size:
@@ -603,7 +627,7 @@ NUMBER_RANGES = [
       "encoder_depth"), 1, None, "a positive integer"),
     (("sample_every", "num_workers", "benchmark", "seed"), 0, None, "an integer >= 0 (0 = off where it applies)"),
     (("learning_rate", "adam_epsilon", "max_grad_norm"), 0, None, "a positive number"),
-    (("proj_coeff", "cls", "adam_weight_decay"), 0, None, "a number >= 0"),
+    (("proj_coeff", "cls", "adam_weight_decay", "target_norm_gamma"), 0, None, "a number >= 0"),
     (("ema_decay", "cfg_prob", "adam_beta1", "adam_beta2"), 0, 1, "a number in [0, 1]"),
 ]
 

@@ -9,7 +9,7 @@ ALLOWED = {
     # scripts
     "train": {"run_folder", "checkpoints", "monitor", "sample", "data", "toy", "losses", "model", "encoders",
               "plumbing"},
-    "evaluate": {"toy", "losses", "model", "encoders", "inception", "plumbing"},
+    "evaluate": {"toy", "losses", "model", "encoders", "inception", "frechet", "plumbing"},
     "sample": {"toy", "losses", "model", "encoders", "plumbing"},
     # run management (train.py's)
     "run_folder": {"checkpoints", "plumbing"},
@@ -17,12 +17,13 @@ ALLOWED = {
     "checkpoints": {"model", "encoders", "plumbing"},
     # data and the toy world
     "data": {"toy", "encoders", "plumbing"},
-    "toy": {"encoders", "plumbing"},
+    "toy": {"encoders", "frechet", "plumbing"},
     # equations and building blocks
     "losses": set(),
     "model": {"plumbing"},
     "encoders": {"plumbing"},
     "inception": {"plumbing"},
+    "frechet": {"plumbing"},
     # what every file shares
     "plumbing": set(),
 }
