@@ -670,6 +670,26 @@ METHOD_FLAGS = {"sit": ["--smoke=sit"], "repa": ["--smoke=repa"], "reg": ["--smo
                    for m in ("repa", "reg")}}
 
 
+# Target designs of the experiment (--design): train.py flags added to the aligned methods (REPA, REG) on top of
+# the smoke preset, whose REPA and REG align to toy-vit's spatially normalized patch tokens ("spatial", the
+# default: experiments/toy/pilots.md has the pilots that chose it). "unconditional" applies to SiT too.
+DESIGNS = {
+    "spatial": [],
+    "class": ["--target-norm", "none"],  # toy-vit's tokens as they are: ~95 % a class code (the earlier experiment)
+    "irepa": ["--projector", "conv"],  # iREPA in full: the normalization and the convolutional projector
+    "oracle": ["--target-norm", "none", "--enc-type", "toy-oracle"],
+    "mae": ["--target-norm", "none", "--enc-type", "toy-vit-mae"],
+    "unconditional": ["--cfg-prob", "1", "--target-norm", "none"],
+}
+DESIGN = "spatial"
+
+
+def design_flags(design, method):
+    if method != "sit":
+        return DESIGNS[design]
+    return ["--cfg-prob", "1"] if design == "unconditional" else []
+
+
 def method_label(method):
     """'SiT', 'REPA', 'REG', 'REPA (dense)', ... for tables and plots."""
     base, _, enc = method.partition("-")
@@ -680,11 +700,6 @@ def read_curve(exp_dir, key="toy_joint"):
     """[(step, value)] of one metric from a run's metrics.jsonl."""
     rows = [json.loads(line) for line in open(os.path.join(exp_dir, "metrics.jsonl")) if line.strip()]
     return [(r["step"], r[key]) for r in rows if key in r]
-
-
-def steps_to_reach(curve, level):
-    """First evaluated step whose value is >= level (None if never)."""
-    return next((s for s, v in curve if v >= level - 1e-9), None)
 
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -762,6 +777,10 @@ def experiment_main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHOD_FLAGS),
                    help="repa / reg use the smoke preset's target encoder; repa-dense, reg-class, ... name one")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--design", default=DESIGN, choices=list(DESIGNS),
+                   help=f"the alignment target's design (default {DESIGN}: toy-vit's patch tokens spatially "
+                        f"normalized, the smoke preset's); runs go to experiments/toy/STYLE-DESIGN")
+    p.add_argument("--eval-images", type=int, default=256, help="EMA samples per evaluation (toy FD and accuracy)")
     p.add_argument("--toy-style", default=EXPERIMENT_STYLE, choices=list(TOY_STYLES),
                    help="the toy set (train.py --toy-style); default the one with sizes the label does not say")
     p.add_argument("--output-dir", default=None, help="one folder per run (default experiments/toy/STYLE); metrics, "
@@ -770,20 +789,22 @@ def experiment_main(argv=None):
                                                          "jobs (2 on a 2-core machine: about 1.2x the throughput)")
     p.add_argument("--tag", default="", help="name the summary files table-TAG.md, curves-TAG.json, "
                                              "joint_accuracy-TAG.png, samples-TAG.png (e.g. for another --methods)")
-    p.add_argument("--eval-every", type=int, default=100, help="training steps between evaluations (the smoke "
-                                                               "preset's own --sample-every is 200)")
+    p.add_argument("--eval-every", type=int, default=50, help="training steps between evaluations (the smoke "
+                                                              "preset's own --sample-every is 200)")
     a, extra = p.parse_known_args(argv)
-    a.output_dir = a.output_dir or os.path.join("experiments", "toy", a.toy_style)
+    a.output_dir = a.output_dir or os.path.join("experiments", "toy", f"{a.toy_style}-{a.design}")
     if a.jobs < 1:
         raise UsageError(f"--jobs {a.jobs}: give 1 or more trainings to run at a time")
     runs, todo = {}, []
     t0 = time.time()
-    for method in a.methods:
-        for seed in a.seeds:
+    for seed in a.seeds:  # seed by seed: a cut-short experiment has every method of its first seeds
+        for method in a.methods:
             name = f"{method}-seed{seed}"
             exp_dir = os.path.join(a.output_dir, name)
             flags = [*METHOD_FLAGS[method], "--seed", str(seed), "--output-dir", a.output_dir, "--exp-name", name,
                      "--toy-style", a.toy_style, *(["--sample-every", str(a.eval_every)] if a.eval_every else []),
+                     *(["--num-sample-images", str(a.eval_images)] if a.eval_images != 64 else []),
+                     *design_flags(a.design, method),
                      *extra]
             done = os.path.join(exp_dir, "done.json")
             if os.path.isfile(done):
@@ -792,77 +813,94 @@ def experiment_main(argv=None):
                 todo.append((name, flags, done))
             runs[(method, seed)] = exp_dir
     run_trainings(todo, a.jobs)
-    curves = {key: read_curve(exp_dir) for key, exp_dir in runs.items()}
+    curves = {key: {k: read_curve(exp_dir, k) for k, _, _ in MEASURES} for key, exp_dir in runs.items()}
     print(f"experiment finished in {time.time() - t0:.0f} s", flush=True)
     return summarize(curves, a.methods, a.seeds, a.output_dir, a.tag)
 
 
+# What the experiment reports: (metrics.jsonl key, name in tables, higher is better). The first is the headline.
+MEASURES = (("toy_fd", "toy FD", False), ("toy_joint", "joint accuracy", True))
+
+
+def reached(value, level, higher):
+    return value >= level - 1e-9 if higher else value <= level + 1e-9
+
+
+def steps_to_level(curve, level, higher=True):
+    """First evaluated step whose value reaches `level` (>= it when higher is better, <= it otherwise); None if
+    never."""
+    return next((s for s, v in curve if reached(v, level, higher)), None)
+
+
 def summarize(curves, methods, seeds, out_dir, tag=""):
-    """Table (markdown, printed and written) and plot of mean joint accuracy +- spread (min..max over seeds), in
-    out_dir as table.md, curves.json, joint_accuracy.png and samples.png (table-TAG.md, ... with a tag)."""
+    """Tables (markdown, printed and written), curves and pictures of a finished experiment, in out_dir as
+    table.md, curves.json, fd.png, joint_accuracy.png and samples.png (table-TAG.md, ... with a tag).
+    curves: {(method, seed): {key: [(step, value)]}} for the keys of MEASURES that the runs logged."""
     def out_file(base, ext):
         return os.path.join(out_dir, f"{base}-{tag}{ext}" if tag else f"{base}{ext}")
-    steps = sorted({s for c in curves.values() for s, _ in c})
-    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " | steps to SiT's final (per seed) |",
-             "|---|" + "---|" * (len(steps) + 1)]
-    mean_final_sit = None
-    if "sit" in methods:
-        mean_final_sit = float(np.mean([curves[("sit", s)][-1][1] for s in seeds]))
-    series = []
-    for m in methods:
-        table = np.array([[dict(curves[(m, s)]).get(st, np.nan) for st in steps] for s in seeds])
-        mean, lo, hi = np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
-        cells = [f"{mu:.3f} ± {(h - l) / 2:.3f}" for mu, l, h in zip(mean, lo, hi)]
-        reach = "–"
-        if mean_final_sit is not None:
-            reach = ", ".join(str(steps_to_reach(curves[(m, s)], mean_final_sit) or "never") for s in seeds)
-        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + f" | {reach} |")
-        series.append({"label": method_label(m), "x": steps, "y": mean.tolist(),
-                       "lo": lo.tolist(), "hi": hi.tolist()})
-    note = (f"mean ± half the min-max spread over seeds {', '.join(map(str, seeds))}; joint toy accuracy (shape and "
-            f"colour right) of 64 EMA samples per evaluation" +
-            (f"; SiT's final mean joint accuracy: {mean_final_sit:.3f}" if mean_final_sit is not None else ""))
-    text = "\n".join(lines) + "\n\n" + note + "\n"
-    if mean_final_sit is not None:
-        text += "\n" + speedup_table(curves, methods, seeds, [0.3, 0.5, 0.7, 0.9, mean_final_sit]) + "\n"
+    measures = [m for m in MEASURES if all(curves[(me, s)].get(m[0]) for me in methods for s in seeds)]
+    text = ""
+    for key, name, higher in measures:
+        text += measure_tables({k: c[key] for k, c in curves.items()}, methods, seeds, name, higher) + "\n\n"
+        steps = sorted({s for c in curves.values() for s, _ in c[key]})
+        series = []
+        for m in methods:
+            table = np.array([[dict(curves[(m, s)][key]).get(st, np.nan) for st in steps] for s in seeds])
+            table = np.log10(table) if not higher else table  # FD: a log scale (it falls from ~15 to ~0.1)
+            series.append({"label": method_label(m), "x": steps, "y": np.nanmean(table, 0).tolist(),
+                           "lo": np.nanmin(table, 0).tolist(), "hi": np.nanmax(table, 0).tolist()})
+        base = "fd" if key == "toy_fd" else "joint_accuracy"
+        plot_lines(out_file(base, ".png"), series, title=f"toy set: {name} of EMA samples (band: min..max over "
+                   f"seeds)", xlabel="training step", ylabel=name if higher else f"log10 {name}",
+                   ylim=(0, 1) if higher else None)
     print(text, flush=True)
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(out_file("table", ".md"), text.encode())
     write_atomic(out_file("curves", ".json"), json.dumps(
         {f"{m}-seed{s}": curves[(m, s)] for m in methods for s in seeds}).encode())
-    plot_lines(out_file("joint_accuracy", ".png"), series, title="toy set: joint accuracy of EMA samples "
-               "(band: min..max over seeds)", xlabel="training step", ylabel="joint accuracy", ylim=(0, 1))
-    samples_figure(out_dir, methods, seeds[0], steps, out_file("samples", ".png"))
-    print(f"wrote {out_file('table', '.md')}, {out_file('joint_accuracy', '.png')} and {out_file('samples', '.png')}")
+    steps = sorted({s for c in curves.values() for s, _ in c[measures[0][0]]}) if measures else []
+    samples_figure(out_dir, methods, seeds[0], steps[::max(1, len(steps) // 8)], out_file("samples", ".png"))
+    print(f"wrote {out_file('table', '.md')} and the pictures beside it")
     return text
 
 
-def speedup_table(curves, methods, seeds, levels):
-    """The papers' form of the claim: per quality level, the step at which each method first reaches it (mean ±
-    half the min-max spread over the seeds that reach it) and SiT's mean steps divided by the method's. Where
-    some SiT seeds never reach the level and the method's all do, the speed-up is a lower bound, '> Nx': those
-    SiT seeds are counted at the last evaluated step, which they need more than."""
-    name = {m: method_label(m) for m in methods}
-    lines = ["| joint accuracy reached | " + " | ".join(f"{name[m]}: step" for m in methods)
-             + "".join(f" | speed-up of {name[m]}" for m in methods if m != "sit") + " |",
-             "|---|" + "---|" * (len(methods) + sum(m != "sit" for m in methods))]
+def measure_tables(curves, methods, seeds, name, higher):
+    """For one measure: mean ± half the min-max spread over seeds at each evaluated step; then, the papers' way,
+    the step at which each method first reaches SiT's final value (the mean over seeds of SiT's LAST evaluation,
+    not its best), per seed and on average, the speed-up (SiT's mean steps / the method's) and whether the two
+    seed ranges are apart (every seed of the method there before any seed of SiT)."""
+    steps = sorted({s for c in curves.values() for s, _ in c})
+    lines = [f"**{name}** ({'higher' if higher else 'lower'} is better)", "",
+             "| method | " + " | ".join(f"{s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for m in methods:
+        table = np.array([[dict(curves[(m, s)]).get(st, np.nan) for st in steps] for s in seeds])
+        mean, lo, hi = np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
+        lines.append(f"| {method_label(m)} | " + " | ".join(f"{mu:.3f} ± {(h - l) / 2:.3f}" for mu, l, h in
+                                                            zip(mean, lo, hi)) + " |")
+    lines.append("")
+    lines.append(f"mean ± half the min-max spread over seeds {', '.join(map(str, seeds))}, by training step")
+    if "sit" not in methods:
+        return "\n".join(lines)
+    level = float(np.mean([curves[("sit", s)][-1][1] for s in seeds]))
     last = max(st for c in curves.values() for st, _ in c)
-    for level in levels:
-        mean, cells = {}, []
-        for m in methods:
-            reached = [st for s in seeds if (st := steps_to_reach(curves[(m, s)], level)) is not None]
-            if len(reached) == len(seeds):
-                mean[m] = float(np.mean(reached))
-                cells.append(f"{mean[m]:.0f} ± {(max(reached) - min(reached)) / 2:.0f}")
-            else:
-                cells.append(f"never in {len(seeds) - len(reached)} of {len(seeds)} seeds")
-        sit_bound = None
-        if "sit" in methods and "sit" not in mean:  # a lower bound on SiT's mean steps
-            sit_bound = np.mean([steps_to_reach(curves[("sit", s)], level) or last for s in seeds])
-        ups = [f"{mean['sit'] / mean[m]:.2f}x" if "sit" in mean and m in mean else
-               f"> {sit_bound / mean[m]:.2f}x" if sit_bound is not None and m in mean else "–"
-               for m in methods if m != "sit"]
-        lines.append(f"| {level:.3f} | " + " | ".join(cells + ups) + " |")
+    sit_steps = [steps_to_level(curves[("sit", s)], level, higher) for s in seeds]
+    sit_mean = np.mean([st or last for st in sit_steps])  # a SiT seed that never gets there counts as `last`
+    lines += ["", f"Steps to SiT's final {name} ({level:.3f}, the mean of SiT's last evaluation):", "",
+              "| method | per seed | mean | speed-up | seed ranges apart |", "|---|---|---|---|---|"]
+    for m in methods:
+        per = [steps_to_level(curves[(m, s)], level, higher) for s in seeds]
+        cells = ", ".join(str(st) if st is not None else "never" for st in per)
+        if None in per:
+            lines.append(f"| {method_label(m)} | {cells} | – | – | – |")
+            continue
+        bound = ">" if None in sit_steps and m != "sit" else ""
+        apart = "–" if m == "sit" else ("yes" if max(per) < min(st or last + 1 for st in sit_steps) else "no")
+        lines.append(f"| {method_label(m)} | {cells} | {np.mean(per):.0f} | "
+                     f"{bound}{sit_mean / np.mean(per):.2f}x | {apart} |")
+    if None in sit_steps:
+        lines.append("")
+        lines.append("'>': some SiT seeds never reach the level; they are counted at the last step, so the "
+                     "speed-up is a lower bound")
     return "\n".join(lines)
 
 

@@ -368,21 +368,23 @@ REG_BETA = 0.03
 METHOD_DEFAULTS = {"repa": dict(max_train_steps=400_000, checkpointing_steps=50_000),
                    "reg": dict(max_train_steps=1_000_000, checkpointing_steps=10_000)}
 
-# The smoke preset: a tiny SiT on the 16 px toy set (one centred shape per class, toy.TOY_STYLES), CPU, offline,
-# about 3 minutes on 2 cores (2:40 to 3:08 measured). The target encoder is `toy-vit`, a small ViT trained on the toy shapes by
-# toy.train_toy_encoder on first use (cached), so that alignment has features worth aligning to. Tuned for speed,
+# The smoke preset: a tiny SiT on the 16 px toy set (`sizes`: a centred shape per class at any size, toy.TOY_STYLES),
+# CPU, offline, about 3 minutes on 2 cores. The target encoder is `toy-vit`, a small ViT trained on the toy shapes by
+# toy.train_toy_encoder on first use (cached), so that alignment has features worth aligning to; REPA and REG align
+# to its patch tokens spatially normalized (iREPA's --target-norm spatial), which removes the class code they
+# share and leaves the layout that the label does not say (docs/toy.md). Tuned for speed,
 # not faithfulness (experiments/toy/pilots.md): a 512-wide projector (the recipe's 2048 would dominate the FLOPs
 # of SiT-T), lr 3e-3, batch 32, 400 steps, EMA 0.98 (0.9999 would average over far more steps than the run has;
 # 0.99 lags the fast-moving weights of so short a run), two guided grids (CFG 2; each costs ~10 s), fp32 (bf16 autocast made SiT-T/4 7x
 # slower on our CPU: 2.9 vs 20 img/s). `--smoke METHOD` picks the method (SMOKE_METHODS; default reg).
 SMOKE = dict(
-    model="SiT-T/4", data_dir="toy", resolution=16, enc_type="toy-vit", projector_dim=512,
+    model="SiT-T/4", data_dir="toy", resolution=16, toy_style="sizes", enc_type="toy-vit", projector_dim=512,
     batch_size=32, learning_rate=3e-3, ema_decay=0.98, max_train_steps=400,
     checkpointing_steps=200, sample_every=200, log_every=50, num_sample_images=64, sample_steps=25,
     sample_cfg_scale=2.0, num_workers=0, mixed_precision="no", device="cpu",
 )
-SMOKE_METHODS = {"sit": dict(reg=False, proj_coeff=0.0, enc_type="none"), "repa": dict(reg=False),
-                 "reg": dict(reg=True)}
+SMOKE_METHODS = {"sit": dict(reg=False, proj_coeff=0.0, enc_type="none"),
+                 "repa": dict(reg=False, target_norm="spatial"), "reg": dict(reg=True, target_norm="spatial")}
 
 
 def build_parser():

@@ -193,7 +193,7 @@ def test_smoke_run_trains_the_toy_encoder_on_first_use(tmp_path, monkeypatch):
     out = train.main(["--smoke", "repa", "--model", "SiT-T/8", "--toy-samples", "16", "--batch-size", "8",
                       "--projector-dim", "32", "--max-train-steps", "1", "--sample-every", "0",
                       "--output-dir", str(tmp_path / "runs")])
-    assert out["steps"] == 1 and os.path.isfile(E.toy_encoder_path(2))  # SiT-T/8 at 16 px: a 2x2 token grid
+    assert out["steps"] == 1 and os.path.isfile(E.toy_encoder_path(2, style="sizes"))  # SiT-T/8 at 16 px: 2x2 tokens
 
 
 def test_the_toy_set_renders_at_its_own_resolution_unless_told_and_warns_of_a_slow_one(capsys):

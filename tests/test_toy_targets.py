@@ -39,14 +39,6 @@ def test_toy_fd_is_the_frechet_formula_on_the_hand_made_features():
     assert toy.toy_fd(gen, 16, "sizes") == pytest.approx(_fd_by_hand(fa, fb), rel=1e-6, abs=1e-9)
 
 
-def test_frechet_distance_of_diagonal_gaussians_by_hand():
-    from frechet import frechet_distance
-    # independent coordinates: d^2 = sum (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2
-    mu1, mu2, v1, v2 = np.array([0.0, 1.0]), np.array([3.0, -1.0]), np.array([4.0, 1.0]), np.array([1.0, 9.0])
-    expect = (3 ** 2 + 2 ** 2) + (2 - 1) ** 2 + (1 - 3) ** 2
-    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expect, rel=1e-9)
-
-
 def test_toy_fd_sees_size_and_diversity_not_only_correctness():
     real, _ = toy.toy_images(np.arange(256), 16, seed=9, style="sizes")
     one_size, _ = toy.toy_images(np.arange(256), 16, seed=9, style="centred")  # right classes, one size
@@ -209,7 +201,7 @@ def test_unconditional_run_samples_with_the_null_label_and_logs_the_distance(tmp
 
 @pytest.mark.parametrize("flags, flag", [
     (["--smoke", "sit", "--target-norm", "spatial"], "--target-norm"),
-    (["--smoke", "repa", "--proj-coeff", "0", "--projector", "conv"], "--projector"),
+    (["--smoke", "sit", "--projector", "conv"], "--projector"),
     (["--smoke", "repa", "--target-norm", "spatial", "--target-norm-gamma", "nan"], "--target-norm-gamma"),
     (["--smoke", "repa", "--enc-type", "toy-oracle", "--data-dir", "data/x"], "--enc-type"),
     (["--smoke", "repa", "--enc-type", "toy-vit-bogus"], "toy-vit-bogus"),
