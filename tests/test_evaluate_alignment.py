@@ -158,15 +158,17 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
              "--enc-type", "tiny-vit", "--projector-dim", "32", "--toy-samples", "16", "--batch-size", "8",
              "--max-train-steps", "4", "--num-sample-images", "4", "--sample-steps", "2"]
     text = toy.experiment_main(flags)
-    assert sorted(os.listdir(out)) == sorted(["curves.json", "joint_accuracy.png", "samples.png", "table.md"] +
+    assert sorted(os.listdir(out)) == sorted(["curves.json", "fd.png", "joint_accuracy.png", "samples.png", "table.md"] +
                                              [f"{m}-seed{s}" for m in ("sit", "repa", "reg") for s in (0, 1)])
     curves = json.load(open(out / "curves.json"))
-    assert all([s for s, _ in c] == [2, 4] for c in curves.values()) and len(curves) == 6
+    assert all([s for s, _ in c[k]] == [2, 4] for c in curves.values() for k in ("toy_fd", "toy_joint"))
+    assert len(curves) == 6
     args = {m: json.load(open(out / f"{m}-seed1" / "args.json")) for m in ("sit", "repa", "reg")}
     assert [args[m]["method"] for m in ("sit", "repa", "reg")] == ["sit", "repa", "reg"]
     assert {(a["seed"], a["batch_size"], a["max_train_steps"]) for a in args.values()} == {(1, 8, 4)}  # same budget
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[1:4]] == ["| SiT", "| REPA", "| REG"] and "step 4" in rows[0]
+    assert [r.split(" | ")[0] for r in rows[1:4]] == ["| SiT", "| REPA", "| REG"] and rows[0] == "| method | 2 | 4 |"
+    assert [a["target_norm"] for a in args.values()] == ["none", "spatial", "spatial"]  # the default design
     fig = np.asarray(Image.open(out / "samples.png"))  # 3 methods x 2 steps of grid rows, 3x enlarged
     assert fig.shape[0] > 3 * 3 * (16 + 4) and fig.shape[1] > 2 * 3 * 2 * 18
     # finished runs are reused: a second call trains nothing
@@ -199,38 +201,47 @@ def test_parallel_trainings_keep_finished_runs_and_stop_on_a_failure(tmp_path, m
     assert threads[0] == str(max(1, (os.cpu_count() or 2) // 2))
 
 
-def test_summary_table_means_spreads_and_steps_to_sits_final(tmp_path):
-    curves = {("sit", 0): [(2, 0.2), (4, 0.4)], ("sit", 1): [(2, 0.4), (4, 0.6)],  # SiT's final mean: 0.5
-              ("repa", 0): [(2, 0.6), (4, 0.9)], ("repa", 1): [(2, 0.3), (4, 0.5)]}
-    rows = toy.summarize(curves, ["sit", "repa"], [0, 1], str(tmp_path)).splitlines()
-    assert rows[2] == "| SiT | 0.300 ± 0.100 | 0.500 ± 0.100 | never, 4 |"  # seed 0 ends at 0.4 < 0.5
-    assert rows[3] == "| REPA | 0.450 ± 0.150 | 0.700 ± 0.200 | 2, 4 |"
-    assert "0.500" in rows[5] and (tmp_path / "joint_accuracy.png").is_file()
-    # the papers' form of the claim: the step each method first reaches a level, and SiT's steps over its steps
-    table = toy.speedup_table(curves, ["sit", "repa"], [0, 1], [0.3, 0.5, 0.7]).splitlines()
-    assert table[2] == "| 0.300 | 3 ± 1 | 2 ± 0 | 1.50x |"  # SiT: steps 4 and 2; REPA: 2 and 2
-    assert table[3] == "| 0.500 | never in 1 of 2 seeds | 3 ± 1 | > 1.33x |"  # SiT: > 4 and 4; REPA: 2, 4
-    assert table[4] == "| 0.700 | never in 2 of 2 seeds | never in 1 of 2 seeds | – |"
+def test_summary_tables_means_spreads_and_steps_to_sits_final(tmp_path):
+    curves = {("sit", 0): {"toy_joint": [(2, 0.2), (4, 0.4)], "toy_fd": [(2, 3.0), (4, 1.0)]},
+              ("sit", 1): {"toy_joint": [(2, 0.4), (4, 0.6)], "toy_fd": [(2, 2.0), (4, 2.0)]},
+              ("repa", 0): {"toy_joint": [(2, 0.6), (4, 0.9)], "toy_fd": [(2, 1.2), (4, 0.5)]},
+              ("repa", 1): {"toy_joint": [(2, 0.3), (4, 0.5)], "toy_fd": [(2, 1.4), (4, 1.0)]}}
+    text = toy.summarize(curves, ["sit", "repa"], [0, 1], str(tmp_path))
+    fd, joint = text.split("**joint accuracy**")
+    rows = [r for r in fd.splitlines() if r.startswith("| ")]
+    assert rows[0] == "| method | 2 | 4 |"
+    assert rows[1] == "| SiT | 2.500 ± 0.500 | 1.500 ± 0.500 |" and rows[2] == "| REPA | 1.300 ± 0.100 | 0.750 ± 0.250 |"
+    # SiT's final FD (lower is better): (1.0 + 2.0) / 2 = 1.5; SiT seed 0 reaches it at step 4, seed 1 never (counted
+    # at the last step, 4, so the speed-up is a bound); REPA at step 2 on both seeds: 4 / 2 = 2x, ranges apart
+    assert "(1.500, the mean of SiT's last evaluation)" in fd
+    assert rows[4] == "| SiT | 4, never | – | – | – |" and rows[5] == "| REPA | 2, 2 | 2 | >2.00x | yes |"
+    rows = [r for r in joint.splitlines() if r.startswith("| ")]
+    # SiT's final accuracy (higher is better): 0.5; SiT 'never, 4'; REPA 2 and 4 (mean 3): 4 / 3, ranges overlap
+    assert rows[1] == "| SiT | 0.300 ± 0.100 | 0.500 ± 0.100 |" and rows[5] == "| REPA | 2, 4 | 3 | >1.33x | no |"
+    assert {p.name for p in tmp_path.iterdir()} >= {"table.md", "curves.json", "fd.png", "joint_accuracy.png"}
+    assert json.loads((tmp_path / "curves.json").read_text())["repa-seed1"]["toy_fd"] == [[2, 1.4], [4, 1.0]]
 
 
 def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeypatch):
     # what a fresh clone holds: experiments/toy/<method>-seed<seed>/ with metrics.jsonl, args.json, samples and
     # done.json (the flags of the run), no checkpoints
     out = tmp_path / "toy"
-    for method, acc in (("sit", [0.2, 0.6]), ("reg", [0.5, 0.9])):
+
+    def flags(method, seed, name):  # what the default command passes train.py (the spatial design is the preset's)
+        return [f"--smoke={method}", "--seed", str(seed), "--output-dir", str(out), "--exp-name", name,
+                "--toy-style", "sizes", "--sample-every", "50", "--num-sample-images", "256", "--sample-steps", "10"]
+    for method, acc, fd in (("sit", [0.2, 0.6], [3.0, 1.0]), ("reg", [0.5, 0.9], [0.8, 0.4])):
         run = out / f"{method}-seed0"
         (run / "samples").mkdir(parents=True)
-        flags = [f"--smoke={method}", "--seed", "0", "--output-dir", str(out), "--exp-name", f"{method}-seed0",
-                 "--toy-style", "sizes", "--sample-every", "100"]
-        (run / "done.json").write_text(json.dumps({"flags": flags}))
+        (run / "done.json").write_text(json.dumps({"flags": flags(method, 0, f"{method}-seed0")}))
         (run / "args.json").write_text(json.dumps({"resolution": 16}))
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "toy_joint": a}) + "\n"
-                                                   for s, a in zip((100, 200), acc)))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "toy_fd": f, "toy_joint": a}) + "\n"
+                                                   for s, a, f in zip((100, 200), acc, fd)))
         Image.new("RGB", (146, 146)).save(run / "samples" / "0000200.png")
     monkeypatch.setattr(toy, "start_training", lambda *a, **k: pytest.fail("retrained a committed run"))
     text = toy.experiment_main(["--methods", "sit", "reg", "--seeds", "0", "--output-dir", str(out)])
-    assert "| REG | 0.500 ± 0.000 | 0.900 ± 0.000 | 200 |" in text  # reaches SiT's final 0.6 at step 200
-    assert "| 0.300 | 200 ± 0 | 100 ± 0 | 2.00x |" in text and "| 0.600 | 200 ± 0 | 200 ± 0 | 1.00x |" in text
+    assert "| REG | 100 | 100 | 2.00x | yes |" in text  # FD: SiT's final 1.0, reached by REG at step 100
+    assert "| REG | 200 | 200 | 1.00x | no |" in text  # accuracy: SiT's final 0.6, reached at step 200
     assert (out / "samples.png").is_file()
     for method in ("sit", "reg"):  # the runs' own grids are read, never written
         assert Image.open(out / f"{method}-seed0" / "samples" / "0000200.png").size == (146, 146)
@@ -239,9 +250,9 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
     assert "| SiT |" in (out / "table.md").read_text() and "| SiT |" not in (out / "table-one.md").read_text()
     with pytest.raises(UsageError, match=r"another configuration \(--seed: '0' \(finished run\) vs '1'"):
         (out / "sit-seed1").mkdir()
-        flags = ["--smoke=sit", "--seed", "0", "--output-dir", "elsewhere", "--exp-name", "sit-seed1",
-                 "--toy-style", "sizes", "--sample-every", "100"]  # a run of seed 0 under seed 1's name; where it was run from is no setting
-        (out / "sit-seed1" / "done.json").write_text(json.dumps({"flags": flags}))
+        old = flags("sit", 0, "sit-seed1")  # a run of seed 0 under seed 1's name
+        old[old.index("--output-dir") + 1] = "elsewhere"  # where it was run from is no setting
+        (out / "sit-seed1" / "done.json").write_text(json.dumps({"flags": old}))
         toy.experiment_main(["--methods", "sit", "--seeds", "1", "--output-dir", str(out)])
     with pytest.raises(UsageError, match=r"another configuration \(--toy-style: 'sizes' \(finished run\) vs 'centred'"):
         toy.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(out), "--toy-style", "centred"])
