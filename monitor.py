@@ -115,16 +115,19 @@ class Meter:
             self.sums[k] += v
         self.steps += 1
 
-    def restart_clock(self):
-        self.t0 = time.perf_counter()
+    def restart_clock(self, now=None):
+        self.t0 = now or time.perf_counter()
 
-    def show_first(self, step, stats):
+    def show_first(self, step, stats, now=None):
         """The first step's losses on the console and in log.txt only (metrics.jsonl keeps its --log-every means)."""
         self.logger.info(f"step {step:7d}/{self.total_steps} | loss {stats['loss']:.4f} | first step done in "
-                         f"{time.perf_counter() - self.t0:.1f} s; a line every --log-every {self.args.log_every} steps")
+                         f"{(now or time.perf_counter()) - self.t0:.1f} s; a line every --log-every "
+                         f"{self.args.log_every} steps")
 
-    def log(self, step, epoch):
-        dt = time.perf_counter() - self.t0
+    def log(self, step, epoch, now=None):
+        """now: when the last step of the line had run (StepStats.done; its stats are read a step later)."""
+        now = now or time.perf_counter()
+        dt = now - self.t0
         ips = self.steps * self.local_images / dt
         mean = {k: v / self.steps for k, v in self.sums.items()}
         values = {**mean, "images_per_sec_per_device": ips, "epoch": epoch}
@@ -138,7 +141,7 @@ class Meter:
                       + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") + f" | ETA {fmt_duration(eta)}")
         self.logger.metrics(step, values)
         self.sums, self.steps = dict.fromkeys(STATS, 0.0), 0
-        self.restart_clock()
+        self.restart_clock(now)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,19 +239,20 @@ class StepStats:
         packed = torch.cat([packed, packed.new_full((1,), 1.0 if stop else 0.0)])
         if world_size > 1:
             dist.all_reduce(packed)
-        self.ready = None
+        self.ready, self.done = None, None  # done: when the step had run (perf_counter), for the log's images/s
         if device.type == "cuda":
             self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host.copy_(packed, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
         else:
-            self.host = packed
+            self.host, self.done = packed, time.perf_counter()  # a CPU step has run when it returns
 
     def read(self):
         """({name: float} averaged over ranks, whether any rank was asked to stop)."""
         if self.ready is not None:
             self.ready.synchronize()
+            self.done = time.perf_counter()
         values = self.host.double().tolist()
         return {k: v / self.world_size for k, v in zip(self.names, values)}, values[-1] > 0
 

@@ -42,8 +42,9 @@ from checkpoints import load_resume, restore, seed_everything, seed_rank, save_t
 from encoders import VAE_SCALE
 from losses import compute_loss, repa_targets
 from model import SiT_models, default_encoder_depth
-from monitor import (BENCHMARK_DEFAULT, BENCHMARK_WARMUP, BENCHMARK_WINDOW, STATS, BenchmarkTimer, Logger, Meter, StepStats, StopSignal, check_finite,
-                     device_peak_tflops, make_monitor, out_of_memory_message, save_samples)
+from monitor import (BENCHMARK_DEFAULT, BENCHMARK_WARMUP, BENCHMARK_WINDOW, STATS, BenchmarkTimer, Logger, Meter,
+                     StepStats, StopSignal, check_finite, device_peak_tflops, make_monitor, out_of_memory_message,
+                     save_samples)
 from profiling import (BACKWARD, BATCH, CLIP, EMA, FORWARD, OPTIMIZER, PROFILE_STEPS, STATS as STATS_PART,
                        StepProfiler, part)
 from plumbing import (RefusedFlag, UsageError, autocast_ctx, released_spelling, set_tf32, setup_distributed,
@@ -306,9 +307,9 @@ def account(pending, meter, args, exp_dir, bench, total_steps, first_step):
     check_finite(stats, pending.step, args, exp_dir)
     meter.add(stats)
     if not bench and (pending.step % args.log_every == 0 or pending.step == total_steps):
-        meter.log(pending.step, pending.epoch)
+        meter.log(pending.step, pending.epoch, pending.done)
     elif not bench and pending.step == first_step:
-        meter.show_first(pending.step, stats)  # a line at once, not minutes of silence until the first --log-every
+        meter.show_first(pending.step, stats, pending.done)  # a line at once, not minutes of silence until the first --log-every
     return stopping
 
 
@@ -543,7 +544,8 @@ def build_parser():
     g.add_argument("--tf32", "--allow-tf32", dest="tf32", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--compile", action="store_true", help="torch.compile the model and the target encoder")
     g.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES),
-                   help="torch.compile mode with --compile: " + "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()))
+                   help="torch.compile mode with --compile: "
+                        + "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()))
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
 
     g = p.add_argument_group("optimization")
