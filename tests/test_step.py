@@ -330,5 +330,7 @@ def test_compile_mode_reaches_torch_compile_for_the_model_and_the_target_encoder
                 "--compile-mode", "max-autotune-no-cudagraphs"])
     assert seen == [("SiT", "max-autotune-no-cudagraphs"), ("TargetEncoder", "max-autotune-no-cudagraphs")]
     seen.clear()
-    train.main([*TINY, "--output-dir", str(tmp_path), "--exp-name", "d", "--max-train-steps", "1", "--compile"])
+    # Another compile mode is a way to run, not another experiment: the same folder continues with it.
+    out = train.main([*TINY, "--output-dir", str(tmp_path), "--exp-name", "c", "--max-train-steps", "2", "--compile"])
+    assert out["steps"] == 2
     assert seen == [("SiT", None), ("TargetEncoder", None)]  # 'default' is torch's own default
