@@ -4,7 +4,8 @@
     REPA        torchrun --nproc_per_node=8 train.py --model SiT-XL/2 --data-dir DATA          (the default method)
     REG         torchrun --nproc_per_node=8 train.py --model SiT-XL/2 --data-dir DATA --reg
     smoke       python train.py --smoke [sit|repa|reg]   (tiny SiT on the toy set, CPU, offline, a few minutes)
-    benchmark   python train.py --model SiT-XL/2 --reg --batch-size 32 --benchmark 20   (synthetic data)
+    benchmark   python train.py --model SiT-XL/2 --reg --batch-size 32 --benchmark      (synthetic data, 50 steps)
+    profile     python train.py --model SiT-XL/2 --reg --batch-size 32 --profile prof   (prof.md: time per part)
 
 The defaults are the recipes of the released REPA / REG code: AdamW lr 1e-4, betas (0.9, 0.999),
 wd 0, eps 1e-8, grad clip 1.0, EMA 0.9999 every step, label dropout 0.1, global batch 256, linear path,
