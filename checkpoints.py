@@ -191,7 +191,8 @@ def set_optimizer_flags(opt, args):
     a learning rate lowered on resume must reach the optimizer."""
     for group in opt.param_groups:
         group.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                     weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                     weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                     fused=opt.defaults["fused"], foreach=opt.defaults["foreach"])  # this run's kernels, not the file's
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -523,10 +523,12 @@ class Batches:
 class SyntheticBatches:
     """--benchmark: the same random batch of the real shapes forever (no dataset, no loader cost)."""
 
-    def __init__(self, n, resolution, channels, latent_size, num_classes):
+    def __init__(self, n, resolution, channels, latent_size, num_classes, pin_memory=False):
         self.batch = (torch.randint(0, 256, (n, 3, resolution, resolution), dtype=torch.uint8),
                       torch.randn(n, 2 * channels, latent_size, latent_size),
                       torch.randint(0, num_classes, (n,)))
+        if pin_memory:  # like the training DataLoader's batches: the copy to the GPU does not block the host
+            self.batch = tuple(b.pin_memory() for b in self.batch)
         self.epoch = self.pos = 0
 
     def __next__(self):

@@ -3,16 +3,18 @@
     Logger, Meter       log.txt / metrics.jsonl (and wandb / tensorboard): loss terms, grad norm, images/s/device,
                         MFU (3 x forward FLOPs x images/s / peak), ETA
     save_samples        EMA image grid from fixed noise; on the toy set also its colour / shape / joint accuracy
-    StopSignal          SIGTERM / SIGINT: every rank agrees at the next step (reduce_stats), checkpoints and exits
+    StopSignal          SIGTERM / SIGINT: every rank agrees (StepStats carries the flag), checkpoints and exits
+    StepStats           a step's loss terms and grad norm, read on the host one step late (no sync per step)
     check_finite        the first non-finite loss stops the run, saving nothing (nan_message says what to do);
                         out_of_memory_message likewise for a CUDA OOM
-    BenchmarkTimer      --benchmark: images/s, MFU and peak memory after warm-up
+    BenchmarkTimer      --benchmark: images/s per window of steps after warm-up (median, min-max), MFU, memory
 """
 import json
 import math
 import os
 import resource
 import signal
+import statistics
 import time
 
 import torch
@@ -113,16 +115,19 @@ class Meter:
             self.sums[k] += v
         self.steps += 1
 
-    def restart_clock(self):
-        self.t0 = time.perf_counter()
+    def restart_clock(self, now=None):
+        self.t0 = now or time.perf_counter()
 
-    def show_first(self, step, stats):
+    def show_first(self, step, stats, now=None):
         """The first step's losses on the console and in log.txt only (metrics.jsonl keeps its --log-every means)."""
         self.logger.info(f"step {step:7d}/{self.total_steps} | loss {stats['loss']:.4f} | first step done in "
-                         f"{time.perf_counter() - self.t0:.1f} s; a line every --log-every {self.args.log_every} steps")
+                         f"{(now or time.perf_counter()) - self.t0:.1f} s; a line every --log-every "
+                         f"{self.args.log_every} steps")
 
-    def log(self, step, epoch):
-        dt = time.perf_counter() - self.t0
+    def log(self, step, epoch, now=None):
+        """now: when the last step of the line had run (StepStats.done; its stats are read a step later)."""
+        now = now or time.perf_counter()
+        dt = now - self.t0
         ips = self.steps * self.local_images / dt
         mean = {k: v / self.steps for k, v in self.sums.items()}
         values = {**mean, "images_per_sec_per_device": ips, "epoch": epoch}
@@ -136,7 +141,7 @@ class Meter:
                       + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") + f" | ETA {fmt_duration(eta)}")
         self.logger.metrics(step, values)
         self.sums, self.steps = dict.fromkeys(STATS, 0.0), 0
-        self.restart_clock()
+        self.restart_clock(now)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,15 +240,36 @@ class StopSignal:
             signal.signal(s, h)
 
 
-def reduce_stats(stats, stop, world_size, device):
-    """One small all-reduce per step: the STATS averaged over ranks, plus the stop flag summed (so all ranks agree
-    to stop). Returns ({name: float}, stop on any rank)."""
-    packed = torch.stack([*stats.values(), torch.tensor(1.0 if stop else 0.0, device=device)])
-    if world_size > 1:
-        dist.all_reduce(packed)
-        packed[:-1] /= world_size
-    packed = packed.double().cpu().tolist()
-    return dict(zip(stats, packed[:-1])), packed[-1] > 0
+class StepStats:
+    """One step's STATS on their way to the host, so that reading them never stalls the accelerator: made as soon
+    as the step is queued (one small all-reduce: the STATS summed over ranks and the stop flags with them, so that
+    all ranks agree to stop; then a non-blocking copy into pinned host memory), and read() once the next step is
+    queued. read() waits for this step's kernels only, so the device always has the next step to run.
+    (A blocking .cpu() right after the step would leave the device idle while the host queues the next one.)"""
+
+    def __init__(self, stats, stop, step, epoch, world_size, device):
+        self.names, self.step, self.epoch, self.world_size = list(stats), step, epoch, world_size
+        packed = torch.stack([v.float() for v in stats.values()])
+        # new_full launches a fill kernel; torch.tensor(x, device=cuda) would copy from the host and synchronize
+        packed = torch.cat([packed, packed.new_full((1,), 1.0 if stop else 0.0)])
+        if world_size > 1:
+            dist.all_reduce(packed)
+        self.ready, self.done = None, None  # done: when the step had run (perf_counter), for the log's images/s
+        if device.type == "cuda":
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host.copy_(packed, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.done = packed, time.perf_counter()  # a CPU step has run when it returns
+
+    def read(self):
+        """({name: float} averaged over ranks, whether any rank was asked to stop)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.done = time.perf_counter()
+        values = self.host.double().tolist()
+        return {k: v / self.world_size for k, v in zip(self.names, values)}, values[-1] > 0
 
 
 def check_finite(stats, step, args, exp_dir):
@@ -282,41 +308,75 @@ def out_of_memory_message(args, device, exp_dir, step):
 # --benchmark timing and MFU
 # ----------------------------------------------------------------------------------------------------------------
 
+# --benchmark: steps before the clock starts (compilation, autotuning, the allocator, CUDA graph recording), and
+# timed steps per window. One run's windows spread as much as two runs on two machines of the same kind can differ,
+# so the report gives the median window with the min-max, and --benchmark defaults to 5 windows.
+BENCHMARK_WARMUP = 5
+BENCHMARK_WINDOW = 10
+BENCHMARK_DEFAULT = 50
+
+
 class BenchmarkTimer:
-    """--benchmark: starts the clock after a few warm-up steps (compilation, allocator, cuDNN autotuning) and
-    reports images/s/device, MFU and peak memory. A no-op without --benchmark."""
+    """--benchmark N: after BENCHMARK_WARMUP steps, times N steps in windows of BENCHMARK_WINDOW (the last window
+    takes the remainder), synchronizing the device only at window edges; reports images/s/device (median window,
+    min-max), MFU and peak memory. A no-op without --benchmark."""
 
     def __init__(self, args, start_step, device):
-        self.args, self.start_step, self.device, self.t0 = args, start_step, device, None
-        self.warmup = min(max(1, args.benchmark // 5), 5) if args.benchmark > 0 else 0
+        self.args, self.device, self.timed = args, device, args.benchmark
+        self.first = start_step + BENCHMARK_WARMUP  # the step count at which the clock starts
+        window = min(BENCHMARK_WINDOW, self.timed) if self.timed > 0 else 1
+        self.edges = [i * window for i in range(self.timed // window)] + [self.timed]  # in timed steps
+        self.marks, self.peak_memory = {}, None
+
+    @property
+    def end_step(self):
+        """The step count after the last timed step."""
+        return self.first + self.timed
 
     def tick(self, step):
-        if self.args.benchmark > 0 and step - self.start_step == self.warmup:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-            self.t0 = time.perf_counter()
+        """Called before each step with the number of steps done: a window edge reads the clock."""
+        k = step - self.first
+        if self.timed <= 0 or k not in self.edges or k in self.marks:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks[k] = time.perf_counter()
+        if k == 0 and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if k == self.timed:
+            self.peak_memory = peak_memory_gib(self.device)
 
     def report(self, step, world_size, flops, peak, peak_desc, rank):
-        args, device = self.args, self.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timed = step - self.start_step - self.warmup
-        if self.t0 is None or timed <= 0:
-            raise UsageError(f"--benchmark {args.benchmark} is too short; use at least {self.warmup + 1} steps")
-        ips = timed * args.micro_batch * args.grad_accum / (time.perf_counter() - self.t0)
+        args = self.args
+        self.tick(min(step, self.end_step))
+        if len(self.marks) < len(self.edges):
+            raise UsageError(f"--benchmark {args.benchmark}: the run ended after {step} steps, before the "
+                             f"{BENCHMARK_WARMUP} warm-up and {self.timed} timed steps (check --max-train-steps)")
+        images = args.micro_batch * args.grad_accum
+        rates = [(b - a) * images / (self.marks[b] - self.marks[a]) for a, b in zip(self.edges, self.edges[1:])]
+        ips = statistics.median(rates)
         mfu = model_flops_utilization(flops, ips, peak)
         result = {"model": args.model, "method": args.method, "mixed_precision": args.mixed_precision,
+                  "compile": bool(getattr(args, "compile", False)), "compile_mode": getattr(args, "compile_mode", None),
                   "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "world_size": world_size,
-                  "images_per_sec_per_device": ips, "mfu": mfu, "peak": peak_desc,
-                  "peak_memory_gib": peak_memory_gib(device), "forward_gflops_per_image": flops / 1e9,
-                  "timed_steps": timed}
+                  "images_per_sec_per_device": ips, "images_per_sec_min": min(rates),
+                  "images_per_sec_max": max(rates), "window_images_per_sec": rates, "mfu": mfu,
+                  "mfu_min": model_flops_utilization(flops, min(rates), peak),
+                  "mfu_max": model_flops_utilization(flops, max(rates), peak), "peak": peak_desc,
+                  "peak_memory_gib": self.peak_memory, "forward_gflops_per_image": flops / 1e9,
+                  "timed_steps": self.timed, "warmup_steps": BENCHMARK_WARMUP, "windows": len(rates),
+                  "torch": torch.__version__,
+                  "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
         if rank == 0:
-            print(f"benchmark: {args.model} {args.method.upper()} {args.mixed_precision} | {args.micro_batch}/device x "
-                  f"accum {args.grad_accum} x {world_size} ranks | {ips:.2f} images/s/device | "
-                  f"MFU {'%.1f%%' % (100 * mfu) if mfu is not None else 'n/a'} ({peak_desc}) | peak memory "
-                  f"{result['peak_memory_gib']:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})"
-                  f" | {timed} timed steps after {self.warmup} warm-up", flush=True)
+            pct = (lambda m: "n/a" if m is None else f"{100 * m:.1f}%")
+            print("benchmark windows (images/s/device): " + " ".join(f"{r:.2f}" for r in rates), flush=True)
+            print(f"benchmark: {args.model} {args.method.upper()} {args.mixed_precision}"
+                  f"{' compiled (' + str(result['compile_mode']) + ')' if result['compile'] else ''} | "
+                  f"{args.micro_batch}/device x accum {args.grad_accum} x {world_size} ranks | {ips:.2f} "
+                  f"images/s/device (median of {len(rates)} windows; min {min(rates):.2f}, max {max(rates):.2f}) | "
+                  f"MFU {pct(mfu)} ({pct(result['mfu_min'])}-{pct(result['mfu_max'])}; {peak_desc}) | peak memory "
+                  f"{self.peak_memory:.2f} GiB ({'GPU allocated' if self.device.type == 'cuda' else 'process RSS'})"
+                  f" | {self.timed} timed steps after {BENCHMARK_WARMUP} warm-up", flush=True)
             print("benchmark-json: " + json.dumps(result), flush=True)
         return result
 

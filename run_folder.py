@@ -29,7 +29,7 @@ from plumbing import UsageError, write_atomic
 RUN_SETTINGS = {"learning_rate", "max_train_steps", "epochs", "log_every", "checkpointing_steps", "sample_every",
                 "num_sample_images", "sample_steps", "sample_cfg_scale", "vae", "resume", "smoke", "report_to",
                 "num_workers", "device", "compile", "grad_checkpointing", "tf32", "micro_batch_size", "grad_accum",
-                "micro_batch", "peak_tflops", "output_dir", "enc_path", "benchmark"}
+                "micro_batch", "peak_tflops", "output_dir", "enc_path", "benchmark", "compile_mode", "profile"}
 
 
 def rank0_decides(decide, rank, world_size, share=True):

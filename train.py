@@ -4,7 +4,8 @@
     REPA        torchrun --nproc_per_node=8 train.py --model SiT-XL/2 --data-dir DATA          (the default method)
     REG         torchrun --nproc_per_node=8 train.py --model SiT-XL/2 --data-dir DATA --reg
     smoke       python train.py --smoke [sit|repa|reg]   (tiny SiT on the toy set, CPU, offline, a few minutes)
-    benchmark   python train.py --model SiT-XL/2 --reg --batch-size 32 --benchmark 20   (synthetic data)
+    benchmark   python train.py --model SiT-XL/2 --reg --batch-size 32 --benchmark      (synthetic data, 50 steps)
+    profile     python train.py --model SiT-XL/2 --reg --batch-size 32 --profile prof   (prof.md: time per part)
 
 The defaults are the recipes of the released REPA / REG code: AdamW lr 1e-4, betas (0.9, 0.999),
 wd 0, eps 1e-8, grad clip 1.0, EMA 0.9999 every step, label dropout 0.1, global batch 256, linear path,
@@ -42,8 +43,11 @@ from checkpoints import load_resume, restore, seed_everything, seed_rank, save_t
 from encoders import VAE_SCALE
 from losses import compute_loss, repa_targets, spatial_normalize
 from model import PROJECTORS, SiT_models, default_encoder_depth
-from monitor import (STATS, BenchmarkTimer, Logger, Meter, StopSignal, check_finite, device_peak_tflops,
-                     make_monitor, out_of_memory_message, reduce_stats, save_samples)
+from monitor import (BENCHMARK_DEFAULT, BENCHMARK_WARMUP, BENCHMARK_WINDOW, STATS, BenchmarkTimer, Logger, Meter,
+                     StepStats, StopSignal, check_finite, device_peak_tflops, make_monitor, out_of_memory_message,
+                     save_samples)
+from profiling import (BACKWARD, BATCH, CLIP, EMA, FORWARD, OPTIMIZER, PROFILE_STEPS, STATS as STATS_PART,
+                       StepProfiler, part)
 from plumbing import (RefusedFlag, UsageError, autocast_ctx, released_spelling, set_tf32, setup_distributed,
                       show_defaults)
 from run_folder import ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides
@@ -56,29 +60,60 @@ from run_folder import ExperimentFolder, changed_settings, choose_start, folder_
 def train_step(model, raw_model, ema_params, params, opt, scaler, batches, encoders, args, ctx, device):
     """One optimizer step over args.grad_accum micro-batches (DDP all-reduces only on the last one).
     Returns {name: detached 0-d tensor} for STATS (loss terms averaged over the micro-batches)."""
+    if getattr(args, "compile_mode", None) == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous step's outputs may be overwritten
     terms = torch.zeros(4, device=device)
     align = bool(raw_model.z_dims)
     for i in range(args.grad_accum):
-        x, y, zs_target, cls_target = prepare_batch(next(batches), encoders, args.latent_scale, args.reg, align,
-                                                    device, ctx, target_norm_gamma(args))
+        with part(BATCH):
+            x, y, zs_target, cls_target = prepare_batch(next(batches), encoders, args.latent_scale, args.reg, align,
+                                                        device, ctx, target_norm_gamma(args))
         if args.legacy:  # the released --legacy: a second label dropout before the model's own
             y = drop_labels(y, args.cfg_prob, args.num_classes)
         last = i == args.grad_accum - 1
         sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
         with sync:
-            with ctx:
-                out = compute_loss(model, x, y, zs_target, cls_target, path_type=args.path_type,
-                                   weighting=args.weighting, proj_coeff=args.proj_coeff, cls_weight=args.cls)
-            scaler.scale(out["loss"] / args.grad_accum).backward()
-        terms += torch.stack([out["loss"].detach().float(), out["pred"].float(), out["repa"].float(),
-                              out["cls"].float()]) / args.grad_accum
-    scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
-    scaler.step(opt)
-    scaler.update()
+            with part(FORWARD):
+                with ctx:
+                    out = compute_loss(model, x, y, zs_target, cls_target, path_type=args.path_type,
+                                       weighting=args.weighting, proj_coeff=args.proj_coeff, cls_weight=args.cls)
+                terms += torch.stack([out["loss"].detach().float(), out["pred"].float(), out["repa"].float(),
+                                      out["cls"].float()]) / args.grad_accum
+            with part(BACKWARD):
+                scaler.scale(out["loss"] / args.grad_accum).backward()
+    grad_norm = clip_and_step(opt, scaler, params, args.max_grad_norm)
     opt.zero_grad(set_to_none=True)
-    update_ema(ema_params, params, args.ema_decay)
+    with part(EMA):
+        update_ema(ema_params, params, args.ema_decay)
     return dict(zip(STATS, torch.cat([terms, grad_norm.detach().float().reshape(1)])))
+
+
+def clip_and_step(opt, scaler, params, max_norm):
+    """theta <- AdamW(g * min(1, max_norm / (||g|| + 1e-6))), the gradient clipped to a total norm of max_norm;
+    returns ||g|| before clipping (the logged grad norm).
+
+    With a fused AdamW and no fp16 scaler, the clip factor rides along where the optimizer reads the gradients
+    anyway: the fused kernel divides each gradient by the optimizer's `grad_scale` tensor (the hook GradScaler uses to
+    unscale fp16 gradients), so passing 1 / factor saves the pass over all gradients that clip_grad_norm_ makes to
+    scale them in place. The update is the same up to rounding (g / (1 / c) instead of g * c). With fp16 the scaler
+    owns grad_scale, so the released order stays: unscale, clip in place, step."""
+    if scaler.is_enabled() or not opt.param_groups[0].get("fused"):
+        scaler.unscale_(opt)
+        with part(CLIP):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        with part(OPTIMIZER):
+            scaler.step(opt)
+            scaler.update()
+        return grad_norm
+    with part(CLIP):
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        opt.grad_scale = ((grad_norm + 1e-6) / max_norm).clamp_(min=1.0)
+    try:
+        with part(OPTIMIZER):
+            opt.step()
+    finally:
+        del opt.grad_scale
+    return grad_norm
 
 
 def prepare_batch(batch, encoders, latent_scale, reg, align, device, ctx, target_norm=None):
@@ -114,8 +149,16 @@ def drop_labels(y, prob, null_label):
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay):
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, over all parameters at once (foreach kernels).
-    Same arithmetic (mul, then add) as the released per-parameter loop."""
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, written theta_ema + (1 - decay) * (theta - theta_ema):
+    one pass over the parameters (foreach lerp) instead of two. Equal to the released arithmetic (update_ema_mul_add)
+    up to fp32 rounding: docs/training.md gives the bound that tests/test_step.py checks."""
+    torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+
+
+@torch.no_grad()
+def update_ema_mul_add(ema_params, model_params, decay):
+    """The released EMA arithmetic, theta_ema <- theta_ema * decay, then += theta * (1 - decay) (two foreach passes);
+    bit for bit what the released per-parameter loop computes. Kept as the reference for update_ema."""
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
 
@@ -147,7 +190,7 @@ def run(args):
     rank, world_size, device = setup_distributed(args.device)
     check_args(args, world_size)
     args.method = method_name(args)
-    bench = args.benchmark > 0
+    bench = args.benchmark > 0 or args.profile is not None
     exp_dir = None if bench else os.path.join(args.output_dir, args.exp_name)
     folder = None if bench else rank0_decides(lambda: ExperimentFolder(exp_dir), rank, world_size, share=False)
     try:
@@ -160,7 +203,7 @@ def run(args):
 def train_in_folder(args, rank, world_size, device, exp_dir, folder):
     """Everything after the folder is ours: data, where to start, model, then the loop (all checks before any
     compute). `folder` is None on ranks other than 0 and for --benchmark."""
-    bench = exp_dir is None
+    bench = exp_dir is None  # --benchmark or --profile
     dataset, num_data_classes, grid_size = resolve_data(args, bench)
     ckpt_path, notes = (None, []) if bench else rank0_decides(lambda: choose_start(args, exp_dir), rank, world_size)
     ckpt = load_resume(ckpt_path, args)
@@ -185,7 +228,9 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
         set_optimizer_flags(opt, args)  # --learning-rate & co. apply on resume (the loaded state held the old ones)
         seed_rank(args, rank, world_size, ckpt, step, device, log)
         del ckpt
-        model = torch.compile(raw_model) if args.compile else raw_model
+        model = torch.compile(raw_model, mode=compile_mode(args)) if args.compile else raw_model
+        if args.compile:  # the frozen target's forward too, its preprocessing (normalize, resize) included
+            encoders = [torch.compile(enc, mode=compile_mode(args)) for enc in encoders]
         if world_size > 1:
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         model.train()
@@ -202,35 +247,49 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
     log.info(f"MFU peak: {peak_desc}")
 
     ctx = autocast_ctx(device, args.mixed_precision)
-    total_steps = min(args.max_train_steps, step + args.benchmark) if bench else args.max_train_steps
-    meter = Meter(log, args, raw_model.forward_flops(), peak, total_steps)
     timer = BenchmarkTimer(args, step, device)
+    profiler = StepProfiler(args.profile, timer.end_step, device, rank) if args.profile is not None else None
+    total_steps = (profiler or timer).end_step if bench else args.max_train_steps
+    meter = Meter(log, args, raw_model.forward_flops(), peak, total_steps)
     stop = StopSignal()  # SIGTERM / SIGINT: all ranks agree at the next step, checkpoint and exit
     log.info(f"training from step {step} to {total_steps}")
+    first_step, pending, stopping = step + 1, None, False
     try:
         while step < total_steps and batches.epoch < args.epochs:
             timer.tick(step)
+            if profiler is not None:
+                profiler.tick(step)
             stats = train_step(model, raw_model, ema_params, params, opt, scaler, batches, encoders, args, ctx,
                                device)
             step += 1
-            stats, stopping = reduce_stats(stats, stop.signal is not None, world_size, device)
-            check_finite(stats, step, args, exp_dir)
-            meter.add(stats)
-            if not bench and (step % args.log_every == 0 or step == total_steps):
-                meter.log(step, batches.epoch)
-            elif not bench and step == timer.start_step + 1:
-                meter.show_first(step, stats)  # a line at once, not minutes of silence until the first --log-every
-            if not bench and (step % args.checkpointing_steps == 0 or step == total_steps or stopping):
+            # No host sync per step: this step's stats are read once the next step is queued. A step whose state
+            # is saved or sampled (or the last, or a stop) first reads its own stats, so a non-finite value always
+            # stops the run before a checkpoint or grid of the bad state.
+            with part(STATS_PART):
+                current = StepStats(stats, stop.signal is not None, step, batches.epoch, world_size, device)
+                if pending is not None:
+                    stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step) or stopping
+                pending = current
+                sampling = monitor is not None and (step % args.sample_every == 0 or step == total_steps)
+                saving = not bench and (step % args.checkpointing_steps == 0 or step == total_steps)
+                if stopping or saving or sampling or step == total_steps:
+                    stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step) or stopping
+                    pending = None
+            if pending is not None:
+                continue
+            if not bench and (saving or stopping):
                 tag = f" ({stop.signal or 'signal from another rank'})" if stopping else ""
                 save_training_state(exp_dir, step, (raw_model, ema, opt, scaler), batches, args, world_size, rank,
                                     device, log, tag)
-            if monitor is not None and (step % args.sample_every == 0 or step == total_steps):
+            if sampling:
                 save_samples(ema, monitor, step, args, ctx, exp_dir, log)
                 meter.restart_clock()  # sampling time is not training throughput
             if stopping:
                 log.info(f"stopped by {stop.signal or 'a signal on another rank'} at step {step}; rerun the same "
                          f"command to continue from here")
                 break
+        if pending is not None:  # the loop ended at the end of the last epoch
+            account(pending, meter, args, exp_dir, bench, total_steps, first_step)
     except FloatingPointError as e:
         log.info(f"error: {e}")
         raise UsageError(str(e)) from None
@@ -242,8 +301,38 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
         stop.restore()
         log.close()
     if bench:
-        return timer.report(step, world_size, meter.flops, peak, peak_desc, rank)
+        result = timer.report(step, world_size, meter.flops, peak, peak_desc, rank) if args.benchmark > 0 else {}
+        if profiler is not None:
+            result["profile"] = profiler.finish()
+        return result
     return {"steps": step, "exp_dir": exp_dir}
+
+
+def account(pending, meter, args, exp_dir, bench, total_steps, first_step):
+    """Read one step's stats (waiting for that step's kernels only): stop on a non-finite value, naming the step;
+    add them to the log's running means and write the log line when due. Returns whether any rank asked to stop."""
+    stats, stopping = pending.read()
+    check_finite(stats, pending.step, args, exp_dir)
+    meter.add(stats)
+    if not bench and (pending.step % args.log_every == 0 or pending.step == total_steps):
+        meter.log(pending.step, pending.epoch, pending.done)
+    elif not bench and pending.step == first_step:
+        meter.show_first(pending.step, stats, pending.done)  # a line at once, not minutes of silence until the first --log-every
+    return stopping
+
+
+# torch.compile's modes (--compile-mode). On a CPU only their correctness can be checked, not their speed.
+COMPILE_MODES = {
+    "default": "torch's default (fusion, no CUDA graphs)",
+    "max-autotune-no-cudagraphs": "also benchmarks GEMM / kernel configurations at compile time (slow to compile)",
+    "max-autotune": "max-autotune-no-cudagraphs plus CUDA graphs",
+    "reduce-overhead": "CUDA graphs (fewer launches; more memory)",
+}
+
+
+def compile_mode(args):
+    """torch.compile's mode for --compile-mode ('default' is torch's own default)."""
+    return None if args.compile_mode == "default" else args.compile_mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,9 +420,10 @@ def build_training(args, device, grid_size, bench, log):
     raw_model.grad_checkpointing = args.grad_checkpointing
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    # Fused AdamW (one kernel over all parameters; torch has it for CUDA and the CPU, the devices we run on); it also
+    # takes the clip factor (clip_and_step). The implementation does not change the update beyond rounding.
     opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                            fused=device.type == "cuda", foreach=device.type != "cuda" or None)
+                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info(f"{args.model}: {n_params:,} parameters, encoder_depth {args.encoder_depth}, z_dims {args.z_dims}, "
@@ -346,7 +436,7 @@ def make_batches(args, dataset, data_state, rank, world_size, device, num_data_c
     """The endless micro-batch stream of this rank, from the resumed (epoch, item) position."""
     if bench:
         return data.SyntheticBatches(args.micro_batch, args.resolution, args.latent_channels, args.latent_size,
-                                num_data_classes)
+                                num_data_classes, pin_memory=device.type == "cuda")  # as the loader's
     sampler = data.ShardSampler(len(dataset), rank=rank, world_size=world_size, shuffle=True, seed=args.seed)
     if len(sampler) < args.micro_batch and data_state[1] == 0:
         raise UsageError(f"each rank's share of the data ({len(dataset)} // {world_size}) is smaller than the "
@@ -413,8 +503,14 @@ def build_parser():
     g.add_argument("--smoke", nargs="?", const="reg", default=None, choices=list(SMOKE_METHODS), metavar="METHOD",
                    help="preset: tiny SiT on the toy set, CPU, offline, with the trained toy target encoder; METHOD "
                         "= sit | repa | reg (default reg). Flags given with it override the preset")
-    g.add_argument("--benchmark", type=int, default=0, metavar="N",
-                   help="run N steps on synthetic data of the real shapes, print images/s, MFU, memory; exit")
+    g.add_argument("--benchmark", type=int, nargs="?", const=BENCHMARK_DEFAULT, default=0, metavar="N",
+                   help=f"time N steps (alone: {BENCHMARK_DEFAULT}) on synthetic data of the real shapes after "
+                        f"{BENCHMARK_WARMUP} warm-up steps, in windows of {BENCHMARK_WINDOW}; print the median "
+                        f"images/s/device with its min-max over the windows, MFU and peak memory; exit")
+    g.add_argument("--profile", default=None, metavar="PREFIX",
+                   help=f"profile {PROFILE_STEPS} steps on synthetic data (after the warm-up and any --benchmark "
+                        "steps) and write the time per part of the step (torch.profiler) to PREFIX.md and "
+                        "PREFIX.json; exit")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda if available)")
     g.add_argument("--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
@@ -461,7 +557,10 @@ def build_parser():
     g.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"],
                    help="autocast dtype; the released code used fp16 (selectable; it adds a grad scaler)")
     g.add_argument("--tf32", "--allow-tf32", dest="tf32", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model and the target encoder")
+    g.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES),
+                   help="torch.compile mode with --compile: "
+                        + "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()))
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
 
     g = p.add_argument_group("optimization")
@@ -593,7 +692,7 @@ def check_args(args, world_size):
         if args.resume is not None:
             raise UsageError("give either --resume or --resume-step, not both")
         args.resume = os.path.join(args.output_dir, args.exp_name, "checkpoints", f"{args.resume_step:07d}.pt")
-    if not args.benchmark and args.data_dir is None:
+    if not args.benchmark and args.profile is None and args.data_dir is None:
         raise UsageError(no_data_message("no --data-dir given.", resolution=args.resolution))
     return args
 

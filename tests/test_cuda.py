@@ -213,3 +213,74 @@ def test_missing_device_index_and_out_of_memory_give_clear_errors(tmp_path, caps
     assert e.value.code == 2 and "out of memory" in err and "--micro-batch-size 4096" in err, err
     assert "Traceback" not in err
     torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step's fixed costs on CUDA (issue 30): late stats, the fused clip + AdamW, the one-pass EMA, --profile
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_a_nan_loss_on_cuda_stops_before_the_checkpoint_of_the_next_step(tmp_path, monkeypatch, capsys):
+    # Step 5's stats are read once step 6 (a checkpoint step) is queued: the run stops naming step 5, keeps 2 and 4.
+    real, calls = train.compute_loss, {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--output-dir", str(tmp_path), "--exp-name", "nan", "--max-train-steps", "10",
+                    "--checkpointing-steps", "2"])
+    assert "at step 5;" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["0000002.pt", "0000004.pt"]
+
+
+def test_fused_clip_and_adamw_and_the_ema_on_cuda_match_the_cpu_arithmetic():
+    """The same three clipped AdamW steps and EMA updates on CUDA (fused kernels, clip factor in grad_scale) and on
+    the CPU (foreach AdamW, clip_grad_norm_ in place, the released mul-then-add EMA): equal to fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g) for s in [(64, 32), (32,), (5, 5, 5)]]
+    grads = [[scale * torch.randn(p.shape, generator=g) for p in start] for scale in (30.0, 0.01, 5.0)]
+    results = {}
+    for dev in ("cuda", "cpu"):
+        params = [p.clone().to(dev).requires_grad_() for p in start]
+        ema = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True if dev == "cuda" else None,
+                                foreach=None if dev == "cuda" else True)
+        scaler = torch.amp.GradScaler(dev, enabled=False)
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr.to(dev)
+            train.clip_and_step(opt, scaler, params, 1.0)
+            opt.zero_grad(set_to_none=True)
+            (train.update_ema if dev == "cuda" else train.update_ema_mul_add)(ema, params, 0.9)
+        results[dev] = [t.detach().cpu() for t in params + ema]
+    for a, b in zip(results["cuda"], results["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_on_cuda_puts_kernel_time_in_every_part(tmp_path):
+    prefix = str(tmp_path / "prof")
+    train.main(["--profile", prefix, "--model", "SiT-T/4", "--resolution", "32", "--batch-size", "4", "--reg",
+                "--enc-type", "tiny-vit", "--projector-dim", "64", "--device", "cuda"])
+    r = json.load(open(prefix + ".json"))
+    assert r["device"] == "cuda" and r["steps"] == 5
+    parts = {row["part"]: row for row in r["parts"]}
+    for name in ("target encoder + batch", "SiT forward + loss", "backward", "grad clipping", "optimizer step", "EMA"):
+        assert parts[name]["busy_ms_per_step"] > 0, name
+    assert r["idle_ms_per_step"] >= 0
+    assert "| backward |" in open(prefix + ".md").read()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead"])
+def test_compile_mode_with_cuda_graphs_trains_and_checkpoints(tmp_path, mode):
+    # CUDA graphs reuse their output memory from one step to the next: the step marks each start, and its stats are
+    # copied out of the graphs' outputs before the next step (they are read one step late).
+    out = train.main([*TINY, "--output-dir", str(tmp_path), "--exp-name", "g", "--max-train-steps", "8",
+                      "--learning-rate", "2e-3", "--compile", "--compile-mode", mode, "--checkpointing-steps", "4"])
+    loss = metrics(out["exp_dir"])
+    assert len(loss) == 8 and all(map(torch.isfinite, torch.tensor(loss))), loss
+    assert sum(loss[-3:]) / 3 < loss[0], loss
+    assert sorted(os.listdir(os.path.join(out["exp_dir"], "checkpoints"))) == ["0000004.pt", "0000008.pt"]

@@ -74,13 +74,13 @@ def test_grad_accumulation_of_k_micro_batches_equals_one_batch_of_k_times_b(monk
         return {k: torch.stack([o[k] for o in outs]).mean() for k in outs[0]}
     monkeypatch.setattr(train, "compute_loss", per_sample_loss)
 
-    real_clip, seen = torch.nn.utils.clip_grad_norm_, []
+    real_clip, seen = train.clip_and_step, []
 
-    def spy_clip(params, *a, **k):
+    def spy_clip(opt, scaler, params, *a, **k):  # the accumulated gradient, before clipping and AdamW
         params = list(params)
         seen.append([p.grad.detach().clone() for p in params])
-        return real_clip(params, *a, **k)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+        return real_clip(opt, scaler, params, *a, **k)
+    monkeypatch.setattr(train, "clip_and_step", spy_clip)
 
     def one_step(grad_accum):
         args, encs, model, ema, opt, scaler = build("--batch-size", str(K * B), "--grad-accum", str(grad_accum),

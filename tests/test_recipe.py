@@ -182,8 +182,10 @@ def test_clipping_leaves_a_total_norm_of_at_most_1():
     opt, params, norms = run["opt"], run["params"], []
     real_step = opt.step
 
-    def step(*a, **k):  # the gradient AdamW actually uses
-        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+    def step(*a, **k):  # the gradient AdamW actually uses (a fused AdamW divides it by its grad_scale as it reads it)
+        scale = float(getattr(opt, "grad_scale", 1.0))
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                     / scale)
         return real_step(*a, **k)
 
     opt.step = step

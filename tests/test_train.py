@@ -204,7 +204,7 @@ def test_benchmark_prints_images_per_second_mfu_and_memory(capsys):
     # SiT-T/4 on 32x32x4 synthetic latents (VAE shapes): MFU = 3 * forward FLOPs * images/s / 1 TFLOP/s.
     assert res["mfu"] == pytest.approx(3 * res["forward_gflops_per_image"] * 1e9 * res["images_per_sec_per_device"]
                                        / 1e12)
-    assert res["micro_batch"] == 4 and res["timed_steps"] == 2
+    assert res["micro_batch"] == 4 and res["timed_steps"] == 3  # N timed steps after the warm-up
 
 
 def _write_released_layout(root, resolution):
@@ -288,8 +288,9 @@ def snapshot(folder):
 
 
 def test_the_same_command_twice_continues_the_run(tmp_path, monkeypatch):
-    # A Ctrl-C during step 3 checkpoints at 3 and exits cleanly; the same command again (no --resume, as a cluster
-    # requeue) continues to 6: every step logged once, args.json untouched. A third time there is nothing to do.
+    # A Ctrl-C during step 3 checkpoints at 4 and exits cleanly (the stop flag travels with step 3's stats, which are
+    # read once step 4 is queued: all ranks learn it at the same step); the same command again (no --resume, as a
+    # cluster requeue) continues to 6: every step logged once, args.json untouched. A third time there is nothing to do.
     cmd = ["--exp-name", "again", "--max-train-steps", "6", "--checkpointing-steps", "100"]
     real, calls = train.compute_loss, {"n": 0}
 
@@ -299,16 +300,16 @@ def test_the_same_command_twice_continues_the_run(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
     monkeypatch.setattr(train, "compute_loss", ctrl_c_in_step_3)
-    assert run_train(tmp_path, *cmd)["steps"] == 3
+    assert run_train(tmp_path, *cmd)["steps"] == 4
     monkeypatch.undo()
     exp = tmp_path / "again"
     args_json = (exp / "args.json").read_bytes()
     assert run_train(tmp_path, *cmd)["steps"] == 6
-    assert sorted(os.listdir(exp / "checkpoints")) == ["0000003.pt", "0000006.pt"]
+    assert sorted(os.listdir(exp / "checkpoints")) == ["0000004.pt", "0000006.pt"]
     assert [json.loads(line)["step"] for line in open(exp / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     log = (exp / "log.txt").read_text()
     assert [log.count(f"step {s:7d}/6 |") for s in range(1, 7)] == [1] * 6
-    assert "continuing from step 3" in log
+    assert "continuing from step 4" in log
     assert (exp / "args.json").read_bytes() == args_json
     assert not (exp / "lock").exists()
     before = snapshot(exp)
