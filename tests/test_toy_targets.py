@@ -39,6 +39,21 @@ def test_toy_fd_is_the_frechet_formula_on_the_hand_made_features():
     assert toy.toy_fd(gen, 16, "sizes") == pytest.approx(_fd_by_hand(fa, fb), rel=1e-6, abs=1e-9)
 
 
+def test_toy_fd_features_geometry_of_a_rectangle_by_hand():
+    img = torch.full((1, 3, 16, 16), 51, dtype=torch.uint8)  # flat grey (0.2), as the toy sets
+    img[0, :, 2:6, 3:9] = torch.tensor([219, 36, 31], dtype=torch.uint8)[:, None, None]  # a red 4 x 6 rectangle
+    geo = toy.toy_fd_features(img)[0, -5:] / toy.FD_BLOCK_WEIGHTS[2]
+    # The descriptor smooths with a 3x3 mean, then mask = clamp((chroma - 0.1) / 0.3, 0, 1), chroma c = 188 / 255
+    # inside. Pixels by the share of their 3x3 window inside: inner edges 6/9 (mask 1), inner corners 4/9, outer
+    # edges 3/9 (12 pixels), the outer pixels next to a corner 2/9 (8), outer corners 1/9 (mask 0).
+    c = 188 / 255
+    m = lambda share: min(max((share * c - 0.1) / 0.3, 0), 1)
+    area = 20 * 1 + 4 * m(4 / 9) + 12 * m(3 / 9) + 8 * m(2 / 9)
+    # centre (row 4.0, column 6.0): symmetric; the box grows by the outer ring (mask > 15 % of the fullest row)
+    expect = torch.tensor([area / 256, 4 / 16, 6 / 16, 6 / 16, 8 / 16], dtype=torch.float64)
+    torch.testing.assert_close(geo, expect, atol=1e-6, rtol=0)
+
+
 def test_toy_fd_sees_size_and_diversity_not_only_correctness():
     real, _ = toy.toy_images(np.arange(256), 16, seed=9, style="sizes")
     one_size, _ = toy.toy_images(np.arange(256), 16, seed=9, style="centred")  # right classes, one size
@@ -218,3 +233,16 @@ def test_target_norm_refuses_a_one_token_grid(tmp_path, capsys):
         train.main([*TINY, "--model", "SiT-T/8", "--resolution", "8", "--enc-type", "toy-oracle", "--target-norm",
                     "spatial", "--output-dir", str(tmp_path)])
     assert "1x1 token grid" in capsys.readouterr().err
+
+
+def test_irepa_options_train_with_a_released_encoder_and_the_checkpoint_samples(tmp_path):
+    # any encoder: DINOv2-B's architecture (random weights: offline), REG, SiT-T/8's 2x2 grid
+    train.main([*TINY, "--enc-type", "dinov2-vit-b", "--random-encoder", "--reg", "--target-norm", "spatial",
+                "--projector", "conv", "--sample-every", "0", "--output-dir", str(tmp_path), "--exp-name", "d"])
+    ckpt = torch.load(tmp_path / "d" / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model"]["projectors.0.conv.weight"].shape == (768, 192, 3, 3)
+    assert ckpt["args"]["target_norm"] == "spatial"
+    import sample
+    sample.main(["--ckpt", str(tmp_path / "d" / "checkpoints" / "0000002.pt"), "--class-labels", "0", "1",
+                 "--num-steps", "2", "--grid-path", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert (tmp_path / "g.png").is_file()
