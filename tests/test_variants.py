@@ -1,0 +1,293 @@
+"""The variants the docs promise beside the main path, each against an independent computation written out here:
+path types x REPA/REG in the objective, samplers x guidance interval x REG (cosine path, Heun's corrector for the
+class token), fp16's grad scaler and another world size on resume, images/s and MFU with gradient accumulation, and
+the GPU of each process in a multi-node torchrun. Inventory of what guards what: tests/README.md."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import checkpoints
+import monitor
+import plumbing
+import train
+from losses import compute_loss
+from sample import euler_maruyama_sampler, euler_sampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+PATHS = ["linear", "cosine"]
+
+
+def path_coefficients(t, path):
+    """alpha_t, sigma_t and their derivatives, written out (SiT; REPA §3), for a float or a tensor t."""
+    if path == "linear":
+        return 1 - t, t, -1.0, 1.0
+    c, s = (torch.cos, torch.sin) if torch.is_tensor(t) else (math.cos, math.sin)
+    h = math.pi / 2
+    return c(h * t), s(h * t), -h * s(h * t), h * c(h * t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective on each path, with and without REG's class token
+# ----------------------------------------------------------------------------------------------------------------
+
+class ExactVelocity:
+    """Knows the clean x and cls_*, so from z_t = alpha_t x + sigma_t eps (on `path`) it recovers eps and returns the
+    exact velocity alpha'_t x + sigma'_t eps, for the image and the class token. Zero loss iff the objective noised
+    both with this path and the same t, and took the target on this path."""
+
+    def __init__(self, x, cls, path):
+        self.x, self.cls, self.path = x, cls, path
+
+    def _v(self, z, clean, t):
+        a, s, da, ds = (c.reshape(-1, *[1] * (z.dim() - 1)) if torch.is_tensor(c) else c
+                        for c in path_coefficients(t.double(), self.path))
+        return da * clean + ds * (z - a * clean) / s
+
+    def __call__(self, z_t, t, y, cls=None):
+        return self._v(z_t, self.x, t), [], None if cls is None else self._v(cls, self.cls, t)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "lognormal"])
+@pytest.mark.parametrize("reg", [False, True], ids=["repa", "reg"])
+@pytest.mark.parametrize("path", PATHS)
+def test_objective_noises_image_and_class_token_on_the_chosen_path(path, reg, weighting):
+    g = torch.Generator().manual_seed(0)
+    x, cls = torch.randn(64, 2, 3, 3, dtype=torch.float64, generator=g), torch.randn(64, 5, dtype=torch.float64, generator=g)
+    y = torch.zeros(64, dtype=torch.long)
+    other = "linear" if path == "cosine" else "cosine"
+    losses = {}
+    for p in (path, other):
+        torch.manual_seed(1)
+        out = compute_loss(ExactVelocity(x, cls, p), x, y, [], cls_target=cls if reg else None, path_type=path,
+                           weighting=weighting, generator=torch.Generator().manual_seed(2))
+        losses[p] = (float(out["pred"]), float(out["cls"]))
+    assert losses[path][0] < 1e-16 and losses[path][1] < 1e-16
+    # the other path's exact model is far off: the check above can fail
+    assert losses[other][0] > 1e-3 and (losses[other][1] > 1e-3 if reg else losses[other][1] == 0)
+
+
+def test_path_and_weighting_flags_reach_the_objective(tmp_path, monkeypatch):
+    seen = []
+    real = train.compute_loss
+    monkeypatch.setattr(train, "compute_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
+    train.main(["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-samples", "16",
+                "--batch-size", "8", "--enc-type", "tiny-vit", "--projector-dim", "32", "--num-workers", "0",
+                "--device", "cpu", "--sample-every", "0", "--mixed-precision", "no", "--output-dir", str(tmp_path),
+                "--reg", "--path-type", "cosine", "--weighting", "lognormal", "--cls", "0.2", "--proj-coeff", "0.7",
+                "--max-train-steps", "1"])
+    assert [(k["path_type"], k["weighting"], k["cls_weight"], k["proj_coeff"]) for k in seen] == \
+        [("cosine", "lognormal", 0.2, 0.7)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers x guidance interval x REG x path: against a transcription of the update rules
+# ----------------------------------------------------------------------------------------------------------------
+
+NUM_CLASSES = 3
+
+
+class CoupledModel:
+    """A REG 'model' whose velocities depend on x, the class token, t and the label, and couple the two:
+    v = A[y] x + B[y] t + mean(cls),  cls_v = C[y] cls + D[y] (1 - t) + mean(x); row by row."""
+    num_classes, cls_dim = NUM_CLASSES, 4
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(11)
+        self.A, self.C = torch.randn(NUM_CLASSES + 1, generator=g).double(), torch.randn(NUM_CLASSES + 1, generator=g).double()
+        self.B = torch.randn(NUM_CLASSES + 1, 2, 2, 2, generator=g).double()
+        self.D = torch.randn(NUM_CLASSES + 1, 4, generator=g).double()
+
+    def velocities(self, x, cls, t, y):
+        """t: a float; the same rule as __call__, for the reference."""
+        v = self.A[y].reshape(-1, 1, 1, 1) * x + self.B[y] * t + cls.mean(1).reshape(-1, 1, 1, 1)
+        cls_v = self.C[y][:, None] * cls + self.D[y] * (1 - t) + x.flatten(1).mean(1)[:, None]
+        return v, cls_v
+
+    def __call__(self, x, t, y, cls=None):
+        assert torch.all(t == t[0])
+        v, cls_v = self.velocities(x, cls, float(t[0]), y)
+        return v, [], cls_v
+
+
+def reference_sampler(model, x, cls, y, mode, heun, steps, cfg, cls_cfg, low, high, path, generator=None):
+    """SiT's ODE (Euler / Heun, corrector skipped on the last step) and Euler-Maruyama SDE (t = 1 .. 0.04 then a
+    mean-only step to 0, w_t = 2t, score s = (a/a' v - x) / (sigma^2 - a/a' sigma' sigma)), CFG u + s (c - u) on
+    [low, high] for the image, the class token with its own scale (or its conditional velocity at 0), written out."""
+    null = torch.full_like(y, NUM_CLASSES)
+
+    def drift(xx, cc, t, label):
+        v, cv = model.velocities(xx, cc, t, label)
+        if mode == "ode":
+            return v, cv
+        a, s, da, ds = path_coefficients(t, path)
+        score = lambda vel, pos: (a / da * vel - pos) / (s * s - a / da * ds * s)
+        return v - t * score(v, xx), cv - t * score(cv, cc)  # 1/2 w_t = t
+
+    def guided(xx, cc, t, use):
+        dx, dc = drift(xx, cc, t, y)
+        if not use:
+            return dx, dc
+        ux, uc = drift(xx, cc, t, null)
+        return ux + cfg * (dx - ux), (uc + cls_cfg * (dc - uc) if cls_cfg > 0 else dc)
+
+    if mode == "ode":
+        ts = [1 - i / steps for i in range(steps + 1)]
+    else:
+        ts = [1 - 0.96 * i / (steps - 1) for i in range(steps)] + [0.0]
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        h = tn - t
+        use = cfg > 1 and low <= t <= high
+        if mode == "sde" and i < len(ts) - 2:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+            ceps = torch.randn(cls.shape, generator=generator, dtype=torch.float64)
+        dx, dc = guided(x, cls, t, use)
+        x1, c1 = x + h * dx, cls + h * dc
+        if mode == "ode" and heun and i < steps - 1:
+            dx2, dc2 = guided(x1, c1, tn, use)
+            x1, c1 = x + h * (dx + dx2) / 2, cls + h * (dc + dc2) / 2
+        if mode == "sde" and i < len(ts) - 2:
+            x1, c1 = x1 + math.sqrt(2 * t) * math.sqrt(-h) * eps, c1 + math.sqrt(2 * t) * math.sqrt(-h) * ceps
+        x, cls = x1, c1
+    return x, cls
+
+
+@pytest.mark.parametrize("cfg, cls_cfg, low, high", [(1.0, 0.0, 0.0, 1.0), (3.0, 2.0, 0.3, 0.7), (2.5, 0.0, 0.0, 1.0)],
+                         ids=["no-cfg", "interval+cls-cfg", "cls-conditional"])
+@pytest.mark.parametrize("mode, heun", [("ode", False), ("ode", True), ("sde", False)], ids=["euler", "heun", "sde"])
+@pytest.mark.parametrize("path", PATHS)
+def test_sampler_follows_the_update_rule_for_image_and_class_token(path, mode, heun, cfg, cls_cfg, low, high):
+    model = CoupledModel()
+    g = torch.Generator().manual_seed(4)
+    x, cls = torch.randn(3, 2, 2, 2, generator=g).double(), torch.randn(3, 4, generator=g).double()
+    y = torch.tensor([0, 2, 1])
+    sampler = euler_sampler if mode == "ode" else euler_maruyama_sampler
+    got = sampler(model, x, y, num_steps=5, heun=heun, cfg_scale=cfg, guidance_low=low, guidance_high=high,
+                  path_type=path, cls_latents=cls, cls_cfg_scale=cls_cfg, generator=torch.Generator().manual_seed(9),
+                  return_cls=True)
+    want = reference_sampler(model, x, cls, y, mode, heun, 5, cfg, cls_cfg, low, high, path,
+                             generator=torch.Generator().manual_seed(9))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: fp16's grad scaler, another world size
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY = ["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-samples", "40", "--batch-size", "8",
+        "--enc-type", "tiny-vit", "--projector-dim", "32", "--num-workers", "0", "--device", "cpu",
+        "--log-every", "1", "--sample-every", "0", "--checkpointing-steps", "100"]
+
+
+def test_fp16_resume_continues_the_grad_scaler_state(tmp_path):
+    """The scaler's state (scale, steps since the last overflow) travels in the checkpoint: a run stopped at 2 and
+    resumed to 4 ends with the uninterrupted run's scaler state, weights and losses."""
+    common = [*TINY, "--output-dir", str(tmp_path), "--mixed-precision", "fp16"]
+    train.main([*common, "--exp-name", "straight", "--max-train-steps", "4"])
+    train.main([*common, "--exp-name", "stopped", "--max-train-steps", "2"])
+    train.main([*common, "--exp-name", "stopped", "--max-train-steps", "4"])
+    a, b = (torch.load(tmp_path / e / "checkpoints" / "0000004.pt", weights_only=True) for e in ("straight", "stopped"))
+    assert a["scaler"]["_growth_tracker"] == 4 and a["scaler"]["scale"] == 2.0 ** 16  # 4 steps without overflow
+    assert b["scaler"] == a["scaler"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, msg):
+        self.lines.append(msg)
+
+
+def _draws():
+    return torch.rand(4).tolist()
+
+
+def test_resume_on_another_world_size_continues_the_streams_instead_of_restarting_them():
+    """The checkpoint's per-rank RNG states only fit its world size. On another one each rank's noise/time stream is
+    reseeded from (seed, rank, step): not the fresh run's stream (which would repeat step 0's noise and times), not
+    another rank's, and the same on every restart at that step. The same world size takes the saved state back."""
+    args = type("A", (), {"seed": 5})()
+    cpu = torch.device("cpu")
+    saved = [checkpoints.get_rng_state(cpu)] * 2  # written by 2 ranks
+    streams = {}
+    for rank, step in ((0, 0), (0, 7), (1, 7), (0, 8)):
+        checkpoints.seed_rank(args, rank, 1, None if step == 0 else {"rng": saved}, step, cpu, Log())
+        streams[rank, step] = _draws()
+    assert len({tuple(s) for s in streams.values()}) == 4
+    checkpoints.seed_rank(args, 0, 1, {"rng": saved}, 7, cpu, Log())
+    assert _draws() == streams[0, 7]
+    # same world size: the saved stream itself continues
+    torch.manual_seed(123)
+    state = checkpoints.get_rng_state(cpu)
+    expected = _draws()
+    log = Log()
+    checkpoints.seed_rank(args, 1, 2, {"rng": [None, state]}, 7, cpu, log)
+    assert _draws() == expected and not log.lines
+
+
+class _Net(torch.nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("saved_world, world, expected", [(2, 2, (3, 16)), (2, 1, (3, 0)), (4, 8, (3, 0))])
+def test_resume_keeps_the_data_position_only_on_the_same_world_size(saved_world, world, expected):
+    """Another world size shards the data differently: the epoch is kept, its order restarts (and the log says so)."""
+    net, ema = _Net(2, 2), _Net(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    ckpt = {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "steps": 9, "data": [3, 16],
+            "world_size": saved_world}
+    log = Log()
+    step, data = checkpoints.restore(ckpt, "x.pt", net, ema, opt, torch.amp.GradScaler("cpu", enabled=False), world, log)
+    assert (step, data) == (9, expected)
+    assert any("restarts" in line for line in log.lines) == (saved_world != world)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logged throughput with gradient accumulation; the GPU of each process under torchrun
+# ----------------------------------------------------------------------------------------------------------------
+
+class Metrics(Log):
+    def metrics(self, step, values):
+        self.values = values
+
+
+def test_logged_images_per_second_and_mfu_count_every_micro_batch(monkeypatch):
+    """micro-batch 4 x 3 accumulation steps = 12 images per optimizer step and device; 5 steps in 2 s: 30 images/s;
+    MFU = 3 x forward FLOPs x images/s / peak."""
+    clock = iter([100.0, 102.0, 102.0])
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+    args = type("A", (), dict(micro_batch=4, grad_accum=3, log_every=5, reg=False))()
+    log = Metrics()
+    meter = monitor.Meter(log, args, 2e9, 100.0, 10)
+    for _ in range(5):
+        meter.add(dict.fromkeys(monitor.STATS, 1.0))
+    meter.log(5, 0)
+    assert log.values["images_per_sec_per_device"] == pytest.approx(30.0)
+    assert log.values["mfu"] == pytest.approx(3 * 2e9 * 30.0 / 100e12)
+    assert "30.0 img/s/device" in log.lines[-1]
+
+
+@pytest.mark.parametrize("rank, local_rank", [(9, 1), (0, 0), (15, 7)])
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch, rank, local_rank):
+    """2 nodes x 8 GPUs: global rank 9 is local rank 1 on the second node and must take cuda:1 (not cuda:9)."""
+    chosen, groups = [], []
+    monkeypatch.setattr(plumbing.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(plumbing.torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(plumbing.torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(plumbing.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(plumbing.dist, "init_process_group", lambda backend, **kw: groups.append(backend))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert plumbing.setup_distributed(None) == (rank, 16, torch.device("cuda", local_rank))
+    assert chosen == [local_rank] and groups == ["nccl"]
+    monkeypatch.setenv("LOCAL_RANK", "8")  # --nproc_per_node larger than the node's GPUs
+    with pytest.raises(plumbing.UsageError, match="--nproc_per_node=8"):
+        plumbing.setup_distributed(None)
