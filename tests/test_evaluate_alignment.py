@@ -106,7 +106,6 @@ def test_plot_lines_writes_a_png(tmp_path):
 
 
 def _toy_checkpoint(tmp_path, *flags):
-    torch.set_num_threads(1)
     out = train.main(["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-samples", "16",
                       "--batch-size", "8", "--enc-type", "tiny-vit", "--projector-dim", "32", "--num-workers", "0",
                       "--device", "cpu", "--max-train-steps", "1", "--sample-every", "0", "--output-dir",
@@ -114,7 +113,7 @@ def _toy_checkpoint(tmp_path, *flags):
     return os.path.join(out["exp_dir"], "checkpoints", "0000001.pt")
 
 
-def test_alignment_command_on_toy_checkpoints_and_bad_input(tmp_path, capsys):
+def test_alignment_command_on_toy_checkpoints_and_bad_input(tmp_path, capsys, single_thread):
     reg = _toy_checkpoint(tmp_path, "--reg", "--exp-name", "reg")
     sit = _toy_checkpoint(tmp_path, "--proj-coeff", "0", "--exp-name", "sit")
     plot = tmp_path / "a.png"
@@ -138,7 +137,8 @@ def test_alignment_command_on_toy_checkpoints_and_bad_input(tmp_path, capsys):
                           "--plot", str(plot)]) == 0  # exit status 0 for the shell
 
 
-def test_alignment_probes_the_shape_area_of_the_images_fed_on_their_own_toy_style(tmp_path, monkeypatch):
+def test_alignment_probes_the_shape_area_of_the_images_fed_on_their_own_toy_style(tmp_path, monkeypatch,
+                                                                                     single_thread):
     """The area probe reads the images the model was given, drawn in the run's --toy-style: with t = 0 a 'block'
     holding each channel's pixel sum holds the area linearly (flat background, 3 colours: R^2 ~ 1), a block of
     noise does not."""
@@ -151,8 +151,8 @@ def test_alignment_probes_the_shape_area_of_the_images_fed_on_their_own_toy_styl
     assert r["area_r2"][0] > 0.95 and r["area_r2"][1] < 0.3
 
 
-def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_path, monkeypatch, capsys):
-    torch.set_num_threads(1)
+def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_path, monkeypatch, capsys,
+                                                                           single_thread):
     out = tmp_path / "exp"
     flags = ["--seeds", "0", "1", "--output-dir", str(out), "--jobs", "2", "--eval-every", "2", "--model", "SiT-T/8",
              "--enc-type", "tiny-vit", "--projector-dim", "32", "--toy-samples", "16", "--batch-size", "8",
