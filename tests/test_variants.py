@@ -291,3 +291,138 @@ def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch, rank
     monkeypatch.setenv("LOCAL_RANK", "8")  # --nproc_per_node larger than the node's GPUs
     with pytest.raises(plumbing.UsageError, match="--nproc_per_node=8"):
         plumbing.setup_distributed(None)
+
+
+def test_a_fresh_start_seeds_each_rank_with_seed_plus_rank():
+    """docs/training.md: under torchrun each rank is seeded with seed + rank (its own noise, times, label dropout)."""
+    args = type("A", (), {"seed": 5})()
+    for rank in (0, 3):
+        checkpoints.seed_rank(args, rank, 4, None, 0, torch.device("cpu"), Log())
+        got = _draws()
+        torch.manual_seed(5 + rank)
+        assert got == _draws()
+
+
+@pytest.mark.parametrize("batch, world, cap, accum, micro", [(256, 8, 16, 2, 16), (256, 8, 12, 4, 8),
+                                                             (256, 1, 64, 4, 64), (96, 2, 20, 3, 16),
+                                                             (256, 8, 32, 1, 32)])
+def test_micro_batch_size_sets_the_smallest_accumulation_that_fits(batch, world, cap, accum, micro):
+    """--micro-batch-size caps the per-device forward batch; the global batch stays --batch-size: the smallest K
+    that divides the local batch (batch / world) into micro-batches of at most the cap."""
+    args = train.parse_args(["--data-dir", "toy", "--batch-size", str(batch), "--micro-batch-size", str(cap)])
+    train.check_args(args, world)
+    assert (args.grad_accum, args.micro_batch) == (accum, micro)
+    assert args.micro_batch * args.grad_accum * world == batch
+
+
+def test_each_torchrun_process_refuses_a_fixed_gpu_index(monkeypatch):
+    monkeypatch.setattr(plumbing.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(plumbing.torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(plumbing.UsageError, match="--device cuda:3 under torchrun: each rank takes cuda:LOCAL_RANK"):
+        plumbing.setup_distributed("cuda:3")
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("Tesla V100-SXM2-32GB", 125.0), ("NVIDIA GeForce GTX 1080", None)])
+def test_mfu_peak_of_the_detected_gpu(monkeypatch, name, peak):
+    """docs/training.md: the peak is the dense bf16 TFLOPs of the detected GPU (H100 SXM / H200 989, H100 PCIe 756,
+    A100 312, ...), unknown otherwise; --peak-tflops overrides; no peak on the CPU."""
+    monkeypatch.setattr(monitor.torch.cuda, "get_device_name", lambda device=None: name)
+    assert monitor.device_peak_tflops(torch.device("cuda", 0))[0] == peak
+    assert monitor.device_peak_tflops(torch.device("cuda", 0), 400.0)[0] == 400.0
+    assert monitor.device_peak_tflops(torch.device("cpu"))[0] is None
+
+
+def test_log_line_values_are_means_since_the_last_line(monkeypatch):
+    clock = iter([0.0, 4.0, 4.0])
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+    args = type("A", (), dict(micro_batch=2, grad_accum=1, log_every=4, reg=True))()
+    log = Metrics()
+    meter = monitor.Meter(log, args, 1e9, None, 8)
+    for i in range(4):
+        meter.add({k: float(i + j) for j, k in enumerate(monitor.STATS)})  # loss 0..3, pred 1..4, ...
+    meter.log(4, 2)
+    v = log.values
+    assert [v[k] for k in monitor.STATS] == [1.5, 2.5, 3.5, 4.5, 5.5] and v["epoch"] == 2
+    assert "mfu" not in v and v["images_per_sec_per_device"] == 2.0  # 4 steps x 2 images in 4 s; no peak, no MFU
+    assert "cls 4.5000" in log.lines[-1]
+
+
+def test_fp16_leaves_an_overflowing_grad_norm_to_its_scaler_other_precisions_stop():
+    """A non-finite grad norm under fp16 is the grad scaler's business (it skips the step and lowers the scale); in
+    bf16 / fp32 it stops the run naming the grad norm. A non-finite loss term stops every precision."""
+    stats = dict(loss=1.0, pred=1.0, repa=0.0, cls=0.0, grad_norm=float("inf"))
+    fp16 = type("A", (), dict(mixed_precision="fp16", learning_rate=1e-4))()
+    bf16 = type("A", (), dict(mixed_precision="bf16", learning_rate=1e-4))()
+    monitor.check_finite(stats, 3, fp16, None)
+    with pytest.raises(FloatingPointError, match="non-finite grad norm .* at step 3"):
+        monitor.check_finite(stats, 3, bf16, None)
+    with pytest.raises(FloatingPointError, match="non-finite pred .*--mixed-precision bf16"):
+        monitor.check_finite({**stats, "pred": float("nan")}, 3, fp16, None)
+
+
+class Recorder:
+    """Stands in for a sampler: records its arguments and the autocast it runs under, returns zeros."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, z, y, **kw):
+        self.calls.append(dict(kw, autocast=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu")))
+        return torch.zeros_like(z, dtype=torch.float64)
+
+
+def _reg_checkpoint(path, path_type):
+    from model import SiT_models
+    torch.manual_seed(0)
+    sit = SiT_models["SiT-T/8"](input_size=16, in_channels=3, num_classes=4, z_dims=[], encoder_depth=2, cls_dim=8)
+    args = dict(model="SiT-T/8", input_size=16, in_channels=3, num_classes=4, encoder_depth=2, z_dims=[], cls_dim=8,
+                projector_dim=32, path_type=path_type, resolution=16, latent_scale=1.0, pixel_space=True,
+                data_dir="toy")
+    torch.save({"model": sit.state_dict(), "ema": sit.state_dict(), "opt": {}, "args": args, "steps": 1}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("trained, flags, path", [("cosine", [], "cosine"), ("linear", [], "linear"),
+                                                  ("cosine", ["--path-type", "linear"], "linear")])
+def test_sample_command_uses_the_training_runs_path_and_passes_each_flag(tmp_path, monkeypatch, trained, flags, path):
+    import sample
+    rec = Recorder()
+    monkeypatch.setitem(sample.SAMPLERS, "sde", rec)
+    ckpt = _reg_checkpoint(tmp_path / "c.pt", trained)
+    sample.main(["--ckpt", ckpt, "--class-labels", "1", "3", "--num-steps", "7", "--cfg-scale", "2.5",
+                 "--cls-cfg-scale", "1.5", "--guidance-low", "0.1", "--guidance-high", "0.6", "--device", "cpu",
+                 "--grid-path", str(tmp_path / "g.png"), *flags])
+    (kw,) = rec.calls
+    assert (kw["path_type"], kw["num_steps"], kw["cfg_scale"], kw["cls_cfg_scale"], kw["guidance_low"],
+            kw["guidance_high"]) == (path, 7, 2.5, 1.5, 0.1, 0.6)
+    assert kw["cls_latents"].shape == (2, 8) and (kw["autocast"], kw["dtype"]) == (True, torch.bfloat16)
+
+
+def test_sample_command_precision_fp32_and_ode_heun(tmp_path, monkeypatch):
+    import sample
+    rec = Recorder()
+    monkeypatch.setitem(sample.SAMPLERS, "ode", rec)
+    ckpt = _reg_checkpoint(tmp_path / "c.pt", "linear")
+    sample.main(["--ckpt", ckpt, "--class-labels", "0", "--mode", "ode", "--heun", "--num-steps", "3",
+                 "--precision", "fp32", "--device", "cpu", "--grid-path", str(tmp_path / "g.png")])
+    (kw,) = rec.calls
+    assert kw["heun"] is True and kw["num_steps"] == 3 and kw["autocast"] is False
+
+
+def test_monitoring_grid_guides_image_and_class_token_with_sample_cfg_scale(tmp_path, monkeypatch):
+    """docs: EMA grids by Euler ODE with --sample-steps; --sample-cfg-scale guides the image and, with REG, the class
+    token too."""
+    rec = Recorder()
+    monkeypatch.setattr(monitor.sample, "euler_sampler", rec)
+    args = type("A", (), dict(sample_steps=6, path_type="cosine", sample_cfg_scale=2.5, pixel_space=True,
+                              latent_scale=1.0))()
+    noise = (torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 2, 3]), torch.randn(4, 8))
+    monitor.sample_grid(None, noise, args, torch.autocast("cpu", enabled=False), None, str(tmp_path / "g.png"))
+    (kw,) = rec.calls
+    assert (kw["num_steps"], kw["cfg_scale"], kw["cls_cfg_scale"], kw["path_type"]) == (6, 2.5, 2.5, "cosine")
+    assert kw["cls_latents"] is noise[2]
