@@ -136,3 +136,23 @@ def test_pool_3_is_the_mean_of_the_last_blocks_8x8_map(net):
     out = seen["out"]
     assert out.shape == (1, 2048, 8, 8) and out.std((2, 3)).mean() > 0.1 * out.mean()  # varies over the map
     torch.testing.assert_close(pool, out.sum((2, 3)) / 64)
+
+
+def test_under_torchrun_each_rank_scores_a_contiguous_slice_and_rank_0_joins_them_in_order(monkeypatch):
+    """docs/evaluation.md: `torchrun ... evaluate.py` splits the images over the processes; rank r takes images
+    [N r / W, N (r + 1) / W) and rank 0 receives everything in image order (the collective is simulated here)."""
+    net = StandIn(48)
+    images = np.random.default_rng(2).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    sent = {}
+    for rank in (1, 2):
+        monkeypatch.setattr(evaluate.dist, "gather_object", lambda obj, parts, dst, r=rank: sent.setdefault(r, obj))
+        assert evaluate.inception_activations(net, images, 2, "cpu", rank, 3) is None
+
+    def receive(obj, parts, dst):
+        parts[:] = [obj, sent[1], sent[2]]
+    monkeypatch.setattr(evaluate.dist, "gather_object", receive)
+    pool, spatial = evaluate.inception_activations(net, images, 2, "cpu", 0, 3)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().flatten(1) / 255
+    np.testing.assert_allclose(pool, (x @ net.wp).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(spatial, (x @ net.ws).numpy(), rtol=1e-5, atol=1e-6)
+    assert [len(sent[r][0]) for r in (1, 2)] == [6 - 3, 10 - 6]  # 10 images over 3 ranks: 3, 3, 4
