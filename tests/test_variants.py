@@ -426,3 +426,65 @@ def test_monitoring_grid_guides_image_and_class_token_with_sample_cfg_scale(tmp_
     (kw,) = rec.calls
     assert (kw["num_steps"], kw["cfg_scale"], kw["cls_cfg_scale"], kw["path_type"]) == (6, 2.5, 2.5, "cosine")
     assert kw["cls_latents"] is noise[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One experiment folder, one configuration: what may change between two runs of it
+# ----------------------------------------------------------------------------------------------------------------
+
+def _resolved(*flags):
+    args = train.parse_args(["--data-dir", "toy", *flags])
+    train.check_args(args, 1)
+    args.method = train.method_name(args)
+    return args
+
+
+# docs/training.md, "Settings that may change between two runs of one experiment, without --resume".
+MAY_CHANGE = [("--learning-rate", "5e-05"), ("--max-train-steps", "9"), ("--epochs", "3"), ("--log-every", "7"),
+              ("--checkpointing-steps", "5"), ("--sample-every", "3"), ("--num-sample-images", "4"),
+              ("--sample-steps", "9"), ("--sample-cfg-scale", "2"), ("--vae", "mse"), ("--num-workers", "1"),
+              ("--device", "cpu"), ("--micro-batch-size", "8"), ("--grad-accum", "2"), ("--compile",),
+              ("--grad-checkpointing",), ("--output-dir", "elsewhere"), ("--enc-path", "/w/dinov2.safetensors")]
+# "Settings that change the model (size, method, encoder, projector, data shape, path) are refused even with --resume."
+MODEL = [("--model", "SiT-B/2", "model"), ("--reg", None, "reg"), ("--enc-type", "dinov2-vit-s", "enc_type"),
+         ("--encoder-depth", "6", "encoder_depth"), ("--projector-dim", "1024", "projector_dim"),
+         ("--path-type", "cosine", "path_type"), ("--resolution", "512", "resolution")]
+
+
+@pytest.mark.parametrize("flag", MAY_CHANGE, ids=[f[0] for f in MAY_CHANGE])
+def test_run_settings_may_change_between_two_runs_of_one_experiment(flag):
+    from run_folder import config_differences
+    old = dict(vars(_resolved("--seed", "3")))
+    assert config_differences(old, _resolved("--seed", "3", *flag)) == []
+    assert config_differences(old, _resolved("--seed", "4", *flag)) != []  # the seed is part of the configuration
+
+
+@pytest.mark.parametrize("flag, value, key", MODEL, ids=[m[2] for m in MODEL])
+def test_model_settings_are_refused_even_with_resume(flag, value, key):
+    from run_folder import config_differences
+    old = dict(vars(_resolved()))
+    new = _resolved(flag, *([value] if value else []))
+    assert any(d.startswith(f"{key}:") for d in config_differences(old, new))
+    with pytest.raises(plumbing.UsageError, match=rf"other settings: .*{key}: checkpoint"):
+        checkpoints.check_resume_compatible(old, new, "c.pt")
+
+
+def test_other_settings_are_refused_without_resume_and_continue_with_it():
+    """--weighting changes the objective, not the model: the same command with it is refused (another experiment),
+    with --resume auto it continues."""
+    from run_folder import config_differences
+    old = dict(vars(_resolved()))
+    new = _resolved("--weighting", "lognormal")
+    assert [d.split(":")[0] for d in config_differences(old, new)] == ["weighting"]
+    checkpoints.check_resume_compatible(old, new, "c.pt")
+
+
+def test_sample_defaults_are_the_papers_fid_settings_and_train_aliases_read_as_documented():
+    """docs: sample.py defaults to SDE, 250 steps, CFG 1, guidance on [0, 1], the `ema` VAE, bf16 (released
+    generate.py: ODE, 50 steps, CFG 1.5); train.py's --ckpt-every, --lr, --results-dir, --sampling-steps aliases."""
+    import sample
+    a = sample.parse_args(["--ckpt", "c.pt"])
+    assert (a.mode, a.num_steps, a.cfg_scale, a.guidance_low, a.guidance_high, a.vae, a.precision, a.heun) == \
+        ("sde", 250, 1.0, 0.0, 1.0, "ema", "bf16", False)
+    t = train.parse_args(["--ckpt-every", "7", "--lr", "3e-4", "--results-dir", "R", "--sampling-steps", "9"])
+    assert (t.checkpointing_steps, t.learning_rate, t.output_dir, t.sample_every) == (7, 3e-4, "R", 9)
