@@ -78,9 +78,12 @@ def test_path_and_weighting_flags_reach_the_objective(tmp_path, monkeypatch):
                 "--batch-size", "8", "--enc-type", "tiny-vit", "--projector-dim", "32", "--num-workers", "0",
                 "--device", "cpu", "--sample-every", "0", "--mixed-precision", "no", "--output-dir", str(tmp_path),
                 "--reg", "--path-type", "cosine", "--weighting", "lognormal", "--cls", "0.2", "--proj-coeff", "0.7",
-                "--max-train-steps", "1"])
+                "--max-train-steps", "2", "--exp-name", "e"])
     assert [(k["path_type"], k["weighting"], k["cls_weight"], k["proj_coeff"]) for k in seen] == \
-        [("cosine", "lognormal", 0.2, 0.7)]
+        [("cosine", "lognormal", 0.2, 0.7)] * 2
+    # docs/training.md: the first step is printed at once (with its duration), before the first --log-every line
+    log = (tmp_path / "e" / "log.txt").read_text()
+    assert "step       1/2 | loss" in log and "first step done in" in log and "step       2/2 | loss" in log
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,3 +491,23 @@ def test_sample_defaults_are_the_papers_fid_settings_and_train_aliases_read_as_d
         ("sde", 250, 1.0, 0.0, 1.0, "ema", "bf16", False)
     t = train.parse_args(["--ckpt-every", "7", "--lr", "3e-4", "--results-dir", "R", "--sampling-steps", "9"])
     assert (t.checkpointing_steps, t.learning_rate, t.output_dir, t.sample_every) == (7, 3e-4, "R", 9)
+
+
+def test_smoke_preset_is_the_documented_one():
+    """docs/training.md: SiT-T/4 with REG on the 16 px toy set, the trained toy-vit target, 512-wide projector, lr 3e-3,
+    EMA 0.98, 400 steps of batch 32 in fp32 on the CPU, checkpoints and EMA grids (64 images, 25 Euler steps, CFG 2)
+    at steps 200 and 400."""
+    a = train.parse_args(["--smoke"])
+    assert (a.model, a.resolution, a.data_dir, a.enc_type, a.reg, a.projector_dim) == ("SiT-T/4", 16, "toy", "toy-vit",
+                                                                                       True, 512)
+    assert (a.learning_rate, a.ema_decay, a.max_train_steps, a.batch_size, a.mixed_precision, a.device) == \
+        (3e-3, 0.98, 400, 32, "no", "cpu")
+    assert (a.checkpointing_steps, a.sample_every, a.num_sample_images, a.sample_steps, a.sample_cfg_scale) == \
+        (200, 200, 64, 25, 2.0)
+
+
+def test_data_workers_default_to_four_per_rank_at_most_the_cpus_available(monkeypatch):
+    for cpus, expected in ((2, 2), (16, 4)):
+        monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert _resolved().num_workers == expected
+    assert _resolved("--num-workers", "7").num_workers == 7
