@@ -511,3 +511,77 @@ def test_data_workers_default_to_four_per_rank_at_most_the_cpus_available(monkey
         monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
         assert _resolved().num_workers == expected
     assert _resolved("--num-workers", "7").num_workers == 7
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Around the step: time sampling per path, the logged loss of an accumulated step, the mean over ranks, the shards
+# ----------------------------------------------------------------------------------------------------------------
+
+class RecordTime:
+    def __init__(self):
+        self.t = None
+
+    def __call__(self, z_t, t, y, cls=None):
+        self.t = t
+        return torch.zeros_like(z_t), [], None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_objectives_lognormal_times_follow_the_path(path):
+    """lognormal: s = e^n, n ~ N(0, 1); t = s / (1 + s) on the linear path, 2/pi atan(s) on the cosine one, so
+    n = log(t / (1 - t)) or log tan(pi t / 2) is standard normal (the other path's map gives a std of about 0.8)."""
+    rec = RecordTime()
+    x = torch.zeros(8000, 1, 1, 1, dtype=torch.float64)
+    compute_loss(rec, x, torch.zeros(8000, dtype=torch.long), [], path_type=path, weighting="lognormal",
+                 generator=torch.Generator().manual_seed(0))
+    t = rec.t
+    n = torch.log(t / (1 - t)) if path == "linear" else torch.log(torch.tan(math.pi * t / 2))
+    assert abs(float(n.mean())) < 0.05 and abs(float(n.std()) - 1) < 0.04
+
+
+def test_an_accumulated_steps_logged_loss_is_the_mean_over_its_micro_batches(tmp_path, monkeypatch):
+    seen = []
+    real = train.compute_loss
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append({key: float(out[key]) for key in ("loss", "pred", "repa", "cls")})
+        return out
+    monkeypatch.setattr(train, "compute_loss", spy)
+    train.main([*TINY, "--output-dir", str(tmp_path), "--reg", "--grad-accum", "4", "--max-train-steps", "1",
+                "--exp-name", "acc"])
+    (row,) = [json.loads(line) for line in open(tmp_path / "acc" / "metrics.jsonl")]
+    assert len(seen) == 4
+    for key in ("loss", "pred", "repa", "cls"):
+        assert row[key] == pytest.approx(sum(s[key] for s in seen) / 4, rel=1e-6)
+
+
+def test_logged_statistics_are_the_mean_over_ranks_and_any_rank_can_stop_all(monkeypatch):
+    """One all-reduce per step (simulated: the other rank holds 3, 5, 7, 9, 11 and asked to stop)."""
+    other = torch.tensor([3.0, 5.0, 7.0, 9.0, 11.0, 1.0])
+    monkeypatch.setattr(monitor.dist, "all_reduce", lambda t: t.add_(other))
+    stats = dict(zip(monitor.STATS, torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])))
+    means, stop = monitor.reduce_stats(stats, False, 2, torch.device("cpu"))
+    assert means == dict(zip(monitor.STATS, [2.0, 3.0, 4.0, 5.0, 6.0])) and stop is True
+
+
+def test_each_rank_reads_its_own_shard_of_the_data():
+    args = _resolved("--toy-samples", "40", "--batch-size", "8", "--num-workers", "0", "--resolution", "16")
+    train.check_args(args, 2)
+    dataset, classes, _ = train.resolve_data(args, False)
+    seen = []
+    for rank in (0, 1):
+        b = train.make_batches(args, dataset, (0, 0), rank, 2, torch.device("cpu"), classes, False)
+        b.sampler.set_epoch(0)
+        seen.append(list(iter(b.sampler)))
+        assert b.loader.batch_size == 4  # 8 global over 2 ranks
+    assert len(seen[0]) == len(seen[1]) == 20 and sorted(seen[0] + seen[1]) == list(range(40))
+
+
+def test_benchmark_batches_have_the_sd_vae_latent_shapes_of_the_resolution():
+    args = train.parse_args(["--benchmark", "3", "--resolution", "512"])
+    train.check_args(args, 1)
+    dataset, classes, grid = train.resolve_data(args, True)
+    assert dataset is None and classes == 1000
+    assert (args.latent_channels, args.latent_size, args.latent_scale, args.pixel_space) == (4, 64, 0.18215, False)
+    assert grid == 32  # SiT-XL/2 on 64 x 64 latents
