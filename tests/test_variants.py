@@ -585,3 +585,27 @@ def test_benchmark_batches_have_the_sd_vae_latent_shapes_of_the_resolution():
     assert dataset is None and classes == 1000
     assert (args.latent_channels, args.latent_size, args.latent_scale, args.pixel_space) == (4, 64, 0.18215, False)
     assert grid == 32  # SiT-XL/2 on 64 x 64 latents
+
+
+def test_several_target_encoders_give_one_projector_and_one_alignment_target_each(tmp_path, monkeypatch):
+    """docs/encoders.md: `--enc-type a,b` is multi-target REPA (one projector and one loss term per encoder,
+    averaged); with REG the class token is the first encoder's and each target is [cls, patches]."""
+    seen = []
+    real, real_load = train.compute_loss, train.encoders_module.load_encoders
+
+    def two_different(*a, **k):  # the random tiny-vit twice: make the second one another network
+        encs = real_load(*a, **k)
+        with torch.no_grad():
+            for p in encs[1].parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return encs
+    monkeypatch.setattr(train.encoders_module, "load_encoders", two_different)
+    monkeypatch.setattr(train, "compute_loss", lambda model, x, y, zs, cls, **k: seen.append((zs, cls)) or
+                        real(model, x, y, zs, cls, **k))
+    train.main([*TINY, "--output-dir", str(tmp_path), "--reg", "--enc-type", "tiny-vit,tiny-vit", "--max-train-steps",
+                "1", "--exp-name", "two"])
+    ((zs, cls),) = seen
+    assert [tuple(z.shape) for z in zs] == [(8, 1 + 4, 192)] * 2
+    assert torch.equal(zs[0][:, 0], cls) and not torch.allclose(zs[1][:, 0], cls)
+    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "0000001.pt", weights_only=True)
+    assert ckpt["args"]["z_dims"] == [192, 192] and {k.split(".")[1] for k in ckpt["model"] if k.startswith("projectors.")} == {"0", "1"}
