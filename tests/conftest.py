@@ -25,21 +25,30 @@ def _global_state():
         "tf32": (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision),
         "signals": (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
         "cwd": os.getcwd(),
-        "env": dict(os.environ),
+        "env": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},  # pytest's own, per phase
     }
 
 
-def _restore(state):
-    torch.set_num_threads(state["threads"])
-    torch.set_default_dtype(state["dtype"])
-    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state["tf32"]
-    signal.signal(signal.SIGINT, state["signals"][0])
-    signal.signal(signal.SIGTERM, state["signals"][1])
-    os.chdir(state["cwd"])
-    if dict(os.environ) != state["env"]:
-        os.environ.clear()
-        os.environ.update(state["env"])
+def _restore(state, now):
+    """Put back each part of `state` that differs from `now`."""
+    if now["threads"] != state["threads"]:
+        torch.set_num_threads(state["threads"])
+    if now["dtype"] != state["dtype"]:
+        torch.set_default_dtype(state["dtype"])
+    if now["deterministic"] != state["deterministic"]:
+        torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
+    if now["tf32"] != state["tf32"]:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state["tf32"]
+    if now["signals"] != state["signals"]:
+        signal.signal(signal.SIGINT, state["signals"][0])
+        signal.signal(signal.SIGTERM, state["signals"][1])
+    if now["cwd"] != state["cwd"]:
+        os.chdir(state["cwd"])
+    for k in now["env"].keys() - state["env"].keys():
+        del os.environ[k]
+    for k, v in state["env"].items():
+        if now["env"].get(k) != v:
+            os.environ[k] = v
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +58,9 @@ def restore_global_state():
     test's bit-exact comparison failed on last-bit differences."""
     state = _global_state()
     yield
-    if _global_state() != state:
-        _restore(state)
+    now = _global_state()
+    if now != state:
+        _restore(state, now)
 
 
 @pytest.fixture(scope="module")
