@@ -42,18 +42,24 @@ class StandIn(torch.nn.Module):
     logits = inception.InceptionV3TF.logits
 
 
-def test_the_command_feeds_softmax_of_the_logits_to_is_and_unbiased_statistics_to_fid(tmp_path, monkeypatch):
+def test_the_command_feeds_softmax_of_the_logits_to_is_and_unbiased_statistics_to_fid(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(1)
     sample, ref = (rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (6, 5))
     np.savez(tmp_path / "s.npz", sample)
     np.savez(tmp_path / "r.npz", ref)
     net = StandIn(48)
     monkeypatch.setattr(evaluate, "load_inception", lambda path, device: (net, "0" * 64))
-    seen = {"fd": []}
+    seen = {"fd": [], "fd_kw": []}
     monkeypatch.setattr(evaluate, "inception_score", lambda probs, split: seen.update(probs=probs, split=split) or 1.0)
-    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: seen["fd"].append(a) or 0.0)
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: seen["fd"].append(a) or seen["fd_kw"].append(k)
+                        or 0.0)
+    monkeypatch.setattr(evaluate, "precision_recall", lambda real, fake, **k: seen.update(pr=k) or (0.5, 0.5))
     evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--device", "cpu", "--batch-size", "4",
-                   "--no-cache"])
+                   "--no-cache", "--sqrtm", "scipy", "--pr-fp16", "--k", "2"])
+    assert seen["fd_kw"] == [{"sqrtm": "scipy"}] * 2 and (seen["pr"]["k"], seen["pr"]["fp16"]) == (2, True)
+    assert "warning: 6 samples <= 2048 features: the covariance is singular" in capsys.readouterr().out
+    a = evaluate.parse_args(["s.npz", "r.npz"])  # ADM's settings by default
+    assert (a.k, a.split_size, a.sqrtm, a.pr_fp16) == (3, 5000, "eigh", False)
 
     def features(images):  # NHWC uint8 -> the stand-in's NCHW input, by hand
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().flatten(1) / 255

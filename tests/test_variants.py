@@ -609,3 +609,22 @@ def test_several_target_encoders_give_one_projector_and_one_alignment_target_eac
     assert torch.equal(zs[0][:, 0], cls) and not torch.allclose(zs[1][:, 0], cls)
     ckpt = torch.load(tmp_path / "two" / "checkpoints" / "0000001.pt", weights_only=True)
     assert ckpt["args"]["z_dims"] == [192, 192] and {k.split(".")[1] for k in ckpt["model"] if k.startswith("projectors.")} == {"0", "1"}
+
+
+def test_toy_style_reaches_the_data_and_the_toy_target_encoder(monkeypatch):
+    """docs/training.md: `--toy-style sizes` trains on the toy set whose shapes come in any size, and the toy target
+    encoder is trained on that set too (its own cached file)."""
+    args = _resolved("--enc-type", "toy-vit", "--toy-style", "sizes", "--model", "SiT-T/8", "--resolution", "16",
+                     "--toy-samples", "16", "--batch-size", "8", "--projector-dim", "32", "--num-workers", "0",
+                     "--device", "cpu", "--mixed-precision", "no")
+    dataset, _, grid = train.resolve_data(args, False)
+    assert dataset.style == "sizes"
+    styles = {}
+    real_load = train.encoders_module.load_encoders
+    monkeypatch.setattr(train.toy, "ensure_toy_encoder", lambda name, grid, log=None, style=None:
+                        styles.update(trained=(name, style)))
+    monkeypatch.setattr(train.encoders_module, "load_encoders", lambda name, device, **k: styles.update(
+        loaded=(name, k.get("toy_style"))) or real_load("tiny-vit", device, resolution=16, grid_size=grid,
+                                                        random_init=True))
+    train.build_training(args, torch.device("cpu"), grid, False, Log())
+    assert styles == {"trained": ("toy-vit", "sizes"), "loaded": ("toy-vit", "sizes")}
