@@ -201,23 +201,24 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
     stop = StopSignal()  # SIGTERM / SIGINT: all ranks agree at the next step, checkpoint and exit
     log.info(f"training from step {step} to {total_steps}")
     try:
-        while step < total_steps and batches.epoch < args.epochs:
+        while step < total_steps and batches.epochs_done() < args.epochs:
             timer.tick(step)
             stats = train_step(model, raw_model, ema_params, params, opt, scaler, batches, encoders, args, ctx,
                                device)
             step += 1
+            last = step == total_steps or batches.epochs_done() >= args.epochs  # --epochs may end it first
             stats, stopping = reduce_stats(stats, stop.signal is not None, world_size, device)
             check_finite(stats, step, args, exp_dir)
             meter.add(stats)
-            if not bench and (step % args.log_every == 0 or step == total_steps):
+            if not bench and (step % args.log_every == 0 or last):
                 meter.log(step, batches.epoch)
             elif not bench and step == timer.start_step + 1:
                 meter.show_first(step, stats)  # a line at once, not minutes of silence until the first --log-every
-            if not bench and (step % args.checkpointing_steps == 0 or step == total_steps or stopping):
+            if not bench and (step % args.checkpointing_steps == 0 or last or stopping):
                 tag = f" ({stop.signal or 'signal from another rank'})" if stopping else ""
                 save_training_state(exp_dir, step, (raw_model, ema, opt, scaler), batches, args, world_size, rank,
                                     device, log, tag)
-            if monitor is not None and (step % args.sample_every == 0 or step == total_steps):
+            if monitor is not None and (step % args.sample_every == 0 or last):
                 save_samples(ema, monitor, step, args, ctx, exp_dir, log)
                 meter.restart_clock()  # sampling time is not training throughput
             if stopping:

@@ -628,3 +628,37 @@ def test_toy_style_reaches_the_data_and_the_toy_target_encoder(monkeypatch):
                                                         random_init=True))
     train.build_training(args, torch.device("cpu"), grid, False, Log())
     assert styles == {"trained": ("toy-vit", "sizes"), "loaded": ("toy-vit", "sizes")}
+
+
+def test_report_to_mirrors_the_metrics_on_rank_0_and_a_missing_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+    logged = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **k: types.SimpleNamespace(log=lambda values, step: logged.append((values, step)),
+                                                  finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = type("A", (), dict(report_to="wandb", exp_name="e"))()
+    for rank in (1, 0):  # only rank 0 writes and mirrors
+        log = monitor.Logger(str(tmp_path / f"r{rank}"), rank, args)
+        log.info("hello")
+        log.metrics(5, {"loss": 0.25})
+        log.close()
+    assert logged == [({"loss": 0.25}, 5)] and not (tmp_path / "r1").exists()
+    assert json.loads((tmp_path / "r0" / "metrics.jsonl").read_text()) == {"step": 5, "loss": 0.25}
+    assert "hello" in (tmp_path / "r0" / "log.txt").read_text() and capsys.readouterr().out.count("hello") == 1
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(plumbing.UsageError, match="--report-to wandb needs `pip install wandb`"):
+        _resolved("--report-to", "wandb")
+
+
+def test_epochs_end_the_run_at_an_epoch_boundary_with_a_checkpoint(tmp_path):
+    """16 toy items, batch 8: two steps per epoch. --epochs 2 ends after step 4 (--max-train-steps is far away) and,
+    as any end of a run, writes a checkpoint; the same command with --epochs 3 continues to step 6."""
+    flags = [*TINY, "--toy-samples", "16", "--output-dir", str(tmp_path), "--enc-type", "none", "--proj-coeff", "0",
+             "--max-train-steps", "50", "--exp-name", "ep"]
+    assert train.main([*flags, "--epochs", "2"])["steps"] == 4
+    ckpt = torch.load(tmp_path / "ep" / "checkpoints" / "0000004.pt", weights_only=True)
+    assert ckpt["data"] == [1, 16]  # epoch 1 (the second) fully read
+    assert train.main([*flags, "--epochs", "3"])["steps"] == 6
+    assert sorted(os.listdir(tmp_path / "ep" / "checkpoints")) == ["0000004.pt", "0000006.pt"]
