@@ -57,7 +57,9 @@ def test_the_command_feeds_softmax_of_the_logits_to_is_and_unbiased_statistics_t
     evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--device", "cpu", "--batch-size", "4",
                    "--no-cache", "--sqrtm", "scipy", "--pr-fp16", "--k", "2"])
     assert seen["fd_kw"] == [{"sqrtm": "scipy"}] * 2 and (seen["pr"]["k"], seen["pr"]["fp16"]) == (2, True)
-    assert "warning: 6 samples <= 2048 features: the covariance is singular" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: 6 samples <= 2048 features: the covariance is singular" in out
+    assert "SHA-256 0000000000000000... does not start with 6726825d" in out  # not the published weight file
     a = evaluate.parse_args(["s.npz", "r.npz"])  # ADM's settings by default
     assert (a.k, a.split_size, a.sqrtm, a.pr_fp16) == (3, 5000, "eigh", False)
 
@@ -162,3 +164,14 @@ def test_under_torchrun_each_rank_scores_a_contiguous_slice_and_rank_0_joins_the
     np.testing.assert_allclose(pool, (x @ net.wp).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(spatial, (x @ net.ws).numpy(), rtol=1e-5, atol=1e-6)
     assert [len(sent[r][0]) for r in (1, 2)] == [6 - 3, 10 - 6]  # 10 images over 3 ranks: 3, 3, 4
+
+
+def test_the_activation_cache_is_keyed_by_the_file_and_the_weights(tmp_path):
+    path = str(tmp_path / "s.npz")
+    np.savez(path, np.zeros((2, 4, 4, 3), np.uint8))
+    acts = {k: np.full(3, i, np.float32) for i, k in enumerate(("pool", "mu", "sigma", "mu_s", "sigma_s"))}
+    evaluate.save_cache(path, "a" * 64, acts)
+    assert all(np.array_equal(v, acts[k]) for k, v in evaluate.load_cached(path, "a" * 64).items())
+    assert evaluate.load_cached(path, "b" * 64) is None  # other Inception weights
+    np.savez(path, np.ones((3, 4, 4, 3), np.uint8))  # the batch rewritten
+    assert evaluate.load_cached(path, "a" * 64) is None

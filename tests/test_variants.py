@@ -103,6 +103,7 @@ class CoupledModel:
         self.A, self.C = torch.randn(NUM_CLASSES + 1, generator=g).double(), torch.randn(NUM_CLASSES + 1, generator=g).double()
         self.B = torch.randn(NUM_CLASSES + 1, 2, 2, 2, generator=g).double()
         self.D = torch.randn(NUM_CLASSES + 1, 4, generator=g).double()
+        self.batches = []
 
     def velocities(self, x, cls, t, y):
         """t: a float; the same rule as __call__, for the reference."""
@@ -112,6 +113,7 @@ class CoupledModel:
 
     def __call__(self, x, t, y, cls=None):
         assert torch.all(t == t[0])
+        self.batches.append(len(x))
         v, cls_v = self.velocities(x, cls, float(t[0]), y)
         return v, [], cls_v
 
@@ -176,6 +178,8 @@ def test_sampler_follows_the_update_rule_for_image_and_class_token(path, mode, h
                              generator=torch.Generator().manual_seed(9))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    doubled = [n == 6 for n in model.batches]  # the model runs on [cond; uncond] only where guidance applies
+    assert any(doubled) == (cfg > 1) and all(n in (3, 6) for n in model.batches)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,3 +666,20 @@ def test_epochs_end_the_run_at_an_epoch_boundary_with_a_checkpoint(tmp_path):
     assert ckpt["data"] == [1, 16]  # epoch 1 (the second) fully read
     assert train.main([*flags, "--epochs", "3"])["steps"] == 6
     assert sorted(os.listdir(tmp_path / "ep" / "checkpoints")) == ["0000004.pt", "0000006.pt"]
+
+
+def test_the_toy_runs_real_grid_is_drawn_in_its_own_toy_style(tmp_path, monkeypatch):
+    """samples/real.png: real toy images of the grid's classes, drawn in the run's --toy-style (once)."""
+    styles = []
+    images, labels = torch.zeros(4, 3, 16, 16, dtype=torch.uint8), torch.tensor([0, 5, 7, 11])
+    monkeypatch.setattr(monitor, "sample_grid", lambda *a: (images, labels))
+    real = monitor.toy.toy_class_examples
+    monkeypatch.setattr(monitor.toy, "toy_class_examples", lambda lab, res, style=None: styles.append((res, style))
+                        or real(lab, res, style=style))
+    args = type("A", (), dict(data_dir="toy", resolution=16, toy_style="sizes"))()
+    log = Metrics()
+    (tmp_path / "samples").mkdir()
+    for step in (1, 2):
+        monitor.save_samples(None, (None, None), step, args, None, str(tmp_path), log)
+    assert styles == [(16, "sizes")] and (tmp_path / "samples" / "real.png").is_file()
+    assert set(log.values) == {"toy_colour", "toy_shape", "toy_joint"}
