@@ -2,6 +2,8 @@
 the statistics FID is computed from (ADM's unbiased covariance), logits -> class probabilities for the Inception
 Score, and the TF Inception graph's own constants (BatchNorm epsilon 1e-3, the max pool of the last block, pool_3 as
 the 8x8 mean), each against a computation written out here. A stand-in network keeps the command-line test fast."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -173,5 +175,10 @@ def test_the_activation_cache_is_keyed_by_the_file_and_the_weights(tmp_path):
     evaluate.save_cache(path, "a" * 64, acts)
     assert all(np.array_equal(v, acts[k]) for k, v in evaluate.load_cached(path, "a" * 64).items())
     assert evaluate.load_cached(path, "b" * 64) is None  # other Inception weights
-    np.savez(path, np.ones((3, 4, 4, 3), np.uint8))  # the batch rewritten
+    before = os.stat(path)
+    np.savez(path, np.ones((3, 4, 4, 3), np.uint8))  # the batch rewritten, its time stamp put back: the size tells
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert evaluate.load_cached(path, "a" * 64) is None
+    np.savez(path, np.zeros((2, 4, 4, 3), np.uint8))  # the same size, a new time stamp
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 9))
     assert evaluate.load_cached(path, "a" * 64) is None
