@@ -683,3 +683,36 @@ def test_the_toy_runs_real_grid_is_drawn_in_its_own_toy_style(tmp_path, monkeypa
         monitor.save_samples(None, (None, None), step, args, None, str(tmp_path), log)
     assert styles == [(16, "sizes")] and (tmp_path / "samples" / "real.png").is_file()
     assert set(log.values) == {"toy_colour", "toy_shape", "toy_joint"}
+
+
+def test_a_fresh_start_is_refused_in_a_folder_that_holds_another_configurations_logs(tmp_path):
+    """docs/training.md: a command with another configuration in a folder that holds another run's args.json (no
+    checkpoints yet) is refused before anything is written, naming the settings; the same configuration starts."""
+    from run_folder import choose_start
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "args.json").write_text(json.dumps(vars(_resolved("--seed", "3"))))
+    assert choose_start(_resolved("--seed", "3", "--learning-rate", "5e-5"), str(exp)) == (None, [])
+    with pytest.raises(plumbing.UsageError, match=r"holds the logs of another configuration \(path_type: 'linear'"):
+        choose_start(_resolved("--seed", "3", "--path-type", "cosine"), str(exp))
+    assert os.listdir(exp) == ["args.json"]
+
+
+@pytest.mark.parametrize("minutes, taken", [(9, False), (11, True)])
+def test_another_hosts_lock_counts_for_ten_minutes_without_heartbeat(tmp_path, minutes, taken):
+    from run_folder import ExperimentFolder
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    lock = exp / "lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    old = __import__("time").time() - 60 * minutes
+    os.utime(lock, (old, old))
+    if not taken:
+        with pytest.raises(plumbing.UsageError, match="in use by another run"):
+            ExperimentFolder(str(exp))
+        return
+    folder = ExperimentFolder(str(exp))
+    try:
+        assert json.loads(lock.read_text())["pid"] == os.getpid() and "no heartbeat for" in folder.note
+    finally:
+        folder.release()
