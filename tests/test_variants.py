@@ -716,3 +716,14 @@ def test_another_hosts_lock_counts_for_ten_minutes_without_heartbeat(tmp_path, m
         assert json.loads(lock.read_text())["pid"] == os.getpid() and "no heartbeat for" in folder.note
     finally:
         folder.release()
+
+
+def test_every_adamw_flag_given_on_resume_reaches_the_restored_optimizer():
+    """docs/training.md: the learning rate and the other AdamW flags are written into the restored optimizer."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    args = _resolved("--learning-rate", "3e-5", "--adam-beta1", "0.8", "--adam-beta2", "0.95",
+                     "--adam-weight-decay", "0.01", "--adam-epsilon", "1e-6")
+    checkpoints.set_optimizer_flags(opt, args)
+    (g,) = opt.param_groups
+    assert (g["lr"], g["betas"], g["weight_decay"], g["eps"]) == (3e-5, (0.8, 0.95), 0.01, 1e-6)
