@@ -519,6 +519,11 @@ class Batches:
             except StopIteration:  # end of this rank's shard: next epoch
                 self._it, self.epoch, self.pos = None, self.epoch + 1, 0
 
+    def epochs_done(self):
+        """Finished epochs, the current one included once no full micro-batch is left in it (`epoch` itself only
+        moves on when the next batch is asked for): `--epochs N` stops after N, and the run ends with a checkpoint."""
+        return self.epoch + (self.pos + self.micro_batch > self.sampler.num_samples)
+
 
 class SyntheticBatches:
     """--benchmark: the same random batch of the real shapes forever (no dataset, no loader cost)."""
@@ -533,6 +538,9 @@ class SyntheticBatches:
 
     def __next__(self):
         return self.batch
+
+    def epochs_done(self):
+        return 0
 
 
 def build_dataset(data_dir, resolution=256, toy_samples=10000, seed=0, toy_style=None):

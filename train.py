@@ -255,7 +255,7 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
     log.info(f"training from step {step} to {total_steps}")
     first_step, pending, stopping = step + 1, None, False
     try:
-        while step < total_steps and batches.epoch < args.epochs:
+        while step < total_steps and batches.epochs_done() < args.epochs:
             timer.tick(step)
             if profiler is not None:
                 profiler.tick(step)
@@ -265,15 +265,17 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
             # No host sync per step: this step's stats are read once the next step is queued. A step whose state
             # is saved or sampled (or the last, or a stop) first reads its own stats, so a non-finite value always
             # stops the run before a checkpoint or grid of the bad state.
+            last = step == total_steps or batches.epochs_done() >= args.epochs  # --epochs may end it first
             with part(STATS_PART):
                 current = StepStats(stats, stop.signal is not None, step, batches.epoch, world_size, device)
                 if pending is not None:
                     stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step) or stopping
                 pending = current
-                sampling = monitor is not None and (step % args.sample_every == 0 or step == total_steps)
-                saving = not bench and (step % args.checkpointing_steps == 0 or step == total_steps)
-                if stopping or saving or sampling or step == total_steps:
-                    stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step) or stopping
+                sampling = monitor is not None and (step % args.sample_every == 0 or last)
+                saving = not bench and (step % args.checkpointing_steps == 0 or last)
+                if stopping or saving or sampling or last:
+                    stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step,
+                                       last) or stopping
                     pending = None
             if pending is not None:
                 continue
@@ -308,13 +310,13 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
     return {"steps": step, "exp_dir": exp_dir}
 
 
-def account(pending, meter, args, exp_dir, bench, total_steps, first_step):
+def account(pending, meter, args, exp_dir, bench, total_steps, first_step, last=False):
     """Read one step's stats (waiting for that step's kernels only): stop on a non-finite value, naming the step;
     add them to the log's running means and write the log line when due. Returns whether any rank asked to stop."""
     stats, stopping = pending.read()
     check_finite(stats, pending.step, args, exp_dir)
     meter.add(stats)
-    if not bench and (pending.step % args.log_every == 0 or pending.step == total_steps):
+    if not bench and (pending.step % args.log_every == 0 or pending.step == total_steps or last):
         meter.log(pending.step, pending.epoch, pending.done)
     elif not bench and pending.step == first_step:
         meter.show_first(pending.step, stats, pending.done)  # a line at once, not minutes of silence until the first --log-every

@@ -168,8 +168,7 @@ def test_smoke_and_toy_encoder_bad_input(capsys):
         train.check_args(train.parse_args(["--smoke", "--reg", "--repa", "--data-dir", "toy"]), 1)
 
 
-def test_toy_run_logs_three_accuracies_and_a_real_grid(tmp_path):
-    torch.set_num_threads(1)
+def test_toy_run_logs_three_accuracies_and_a_real_grid(tmp_path, single_thread):
     out = train.main(["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-samples", "16",
                       "--batch-size", "8", "--enc-type", "tiny-vit", "--projector-dim", "32", "--num-workers", "0",
                       "--device", "cpu", "--max-train-steps", "3", "--sample-every", "2", "--num-sample-images", "6",
@@ -184,9 +183,8 @@ def test_toy_run_logs_three_accuracies_and_a_real_grid(tmp_path):
     assert real.shape == fake.shape  # same layout: one real image per generated one, same classes
 
 
-def test_smoke_run_trains_the_toy_encoder_on_first_use(tmp_path, monkeypatch):
+def test_smoke_run_trains_the_toy_encoder_on_first_use(tmp_path, monkeypatch, single_thread):
     # a fresh machine: nothing cached; train.py must make toy-vit before loading it (then read it from the cache)
-    torch.set_num_threads(1)
     monkeypatch.setenv("REPA_REG_CACHE", str(tmp_path / "cache"))
     for k, v in {"steps": 2, "batch_size": 8, "num_images": 48}.items():
         monkeypatch.setitem(E.TOY_TRAIN, k, v)
