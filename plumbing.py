@@ -37,8 +37,76 @@ class MissingFileError(UsageError, FileNotFoundError):
     """A file the user named does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
-class DiskFullError(UsageError):
+class WriteError(UsageError, OSError):
+    """Writing a file failed for a reason outside the program (a full disk, a quota, a read-only or vanished
+    folder, an I/O error): one line naming the cause and what to do. Files written before are complete and kept.
+    Also an OSError with the cause's errno, for callers that catch those (e.g. a cache that is only a speed-up)."""
+
+    def __init__(self, message, errno_=None, cause=None, todo=None):
+        super().__init__(message)
+        self.errno, self.cause, self.todo = errno_, cause, todo  # the cause and what to do, in words
+
+
+class DiskFullError(WriteError):
     """No space left (or over quota) while writing: what was written before is complete and kept."""
+
+
+# errno -> (the cause in words, what to do about it); os_error_advice falls back to the system's words.
+OS_ERROR_ADVICE = {
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some of your quota (or have it raised)"),
+    errno.EROFS: ("the file system is read-only", "make it writable again (remount it read-write)"),
+    errno.EACCES: ("permission denied", "make the folder writable again (chmod / chown)"),
+    errno.EPERM: ("operation not permitted", "make the folder writable again (chmod / chown)"),
+    errno.ENOENT: ("the file or its folder vanished (deleted, moved or unmounted while in use)",
+                   "restore it (or remount the file system)"),
+    errno.ESTALE: ("stale network file handle (the folder was removed or remounted on the server)",
+                   "remount the file system"),
+    errno.EIO: ("input/output error on the device", "check the disk or network mount"),
+}
+
+
+def os_error_in(e):
+    """The OSError behind `e`: e itself, or the first in its __cause__ / __context__ chain (torch's zip writer
+    turns a failed write into a RuntimeError "unexpected pos ..." whose context is the OSError); None if none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def os_error_advice(e, skip_name=()):
+    """(cause, what to do) of an OSError in words, e.g. ('no space left on the device', 'free some space').
+    An exception re-raised from a DataLoader worker carries no errno, only the worker's traceback as text: its
+    last line is the cause."""
+    code, name, text = e.errno, e.filename, e.strerror
+    if code is None:  # "...\nFileNotFoundError: [Errno 2] No such file or directory: 'x'" from a worker
+        text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        m = re.search(r"\[Errno (\d+)\] [^:]*(?:: '(.*)')?$", text)
+        code, name = (int(m.group(1)), m.group(2)) if m else (None, None)
+    cause, todo = OS_ERROR_ADVICE.get(code, (text or type(e).__name__, "fix the cause"))
+    return (f"{cause}: {name}" if name and name not in skip_name else cause), todo
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write: torch's zip writer calls write() from C++ and
+    reports a failure as its own RuntimeError, so that the real cause would otherwise be lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,29 +117,34 @@ def write_atomic(path, data, fsync=False):
     """Write `path` via a temp file + os.replace: a killed run never leaves a half file under a final name.
 
     data: bytes, or a function that writes to the open binary file (torch.save, np.savez: no second copy in
-    memory). fsync=True flushes to the disk before the rename (checkpoints). A full disk raises DiskFullError;
-    files written before stay complete."""
+    memory). fsync=True flushes to the disk before the rename (checkpoints). A write the file system refuses
+    raises WriteError (DiskFullError for a full disk or quota) naming the cause, also where the writer hid it
+    (torch's zip writer); the temp file is removed and files written before stay complete."""
     tmp = f'{path}.{os.getpid()}.tmp'
+    f = None
     try:
-        with open(tmp, 'wb') as f:
+        with open(tmp, 'wb') as raw:
+            f = _RecordingFile(raw)
             if callable(data):
                 data(f)
             else:
                 f.write(data)
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+                raw.flush()
+                os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f'no space left on the device while writing {path}. Every file already written is '
-                                f'complete and kept; free some space and rerun the same command to continue where '
-                                f'it stopped.') from None
-        raise
+        cause = (os_error_in(e) or (f.error if f is not None else None)) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        what, todo = os_error_advice(cause, skip_name=(tmp, path))
+        kind = DiskFullError if cause.errno in (errno.ENOSPC, errno.EDQUOT) else WriteError
+        raise kind(f'{what} while writing {path}. Every file already written is complete and kept; {todo} and '
+                   f'rerun the same command to continue where it stopped.', cause.errno, what, todo) from None
 
 
 def load_torch_file(path, trust=False, mmap=True):

@@ -46,7 +46,8 @@ from monitor import (STATS, BenchmarkTimer, Logger, Meter, StopSignal, check_fin
                      make_monitor, out_of_memory_message, reduce_stats, save_samples)
 from plumbing import (RefusedFlag, UsageError, autocast_ctx, released_spelling, set_tf32, setup_distributed,
                       show_defaults)
-from run_folder import ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides
+from run_folder import (ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides,
+                        run_fault_message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +125,10 @@ def main(argv=None):
         return run(args)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except OSError as e:  # the file system failed the run (full, quota, read-only, a file gone): not a bug
+        exp_dir = os.path.join(args.output_dir, args.exp_name) if args.exp_name and not args.benchmark else None
+        print(f"train.py: error: {run_fault_message(e, exp_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one during set-up
         print("train.py: interrupted; the latest checkpoint in the experiment folder is intact: rerun the same "
