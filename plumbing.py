@@ -322,6 +322,56 @@ def autocast_ctx(device, mixed_precision):
 # Command lines
 # ----------------------------------------------------------------------------------------------------------------
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without the usage dump on bad input: one line `prog: error: ...` that names the flag, and exit
+    status 2 (--help still prints every flag)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_number(flag, value, low=None, high=None, above=False, what=None):
+    """A finite number in [low, high] (above=True: > low); else a UsageError naming the flag. None passes."""
+    if value is None:
+        return value
+    bad = (not math.isfinite(value) or (low is not None and (value <= low if above else value < low))
+           or (high is not None and value > high))
+    if bad:
+        if what is None:
+            what = ("a number" if isinstance(value, float) else "an integer") + (
+                f" in [{low}, {high}]" if low is not None and high is not None else
+                f" > {low}" if above else f" >= {low}" if low is not None else f" <= {high}" if high is not None
+                else "")
+        raise UsageError(f"{flag} must be {what}, got {value}")
+    return value
+
+
+def check_name(flag, name):
+    """A single file or folder name (no separators, not '.' or '..', not empty): what a flag that names
+    something inside another folder takes, so that the result stays inside it."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or (os.altsep and os.altsep in name)
+            or "\0" in name or name != name.strip()):
+        raise UsageError(f"{flag} {name!r} must be one plain name (no / or \\, not '.' or '..', no surrounding "
+                         f"spaces): it names a folder or file inside the output folder")
+    return name
+
+
+def check_output_file(flag, path, suffixes):
+    """A file this run will write: not an existing folder, its folder not a file, a name ending in one of
+    `suffixes` (what is written is in that format). Checked before any compute."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; pass a file name ending in {' or '.join(suffixes)}")
+    if not path.lower().endswith(tuple(suffixes)) or os.path.basename(path) in suffixes:
+        raise UsageError(f"{flag} {path}: the file is written as {suffixes[0]}; give a name ending in "
+                         f"{' or '.join(suffixes)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    return path
+
+
 def show_defaults(parser):
     """Append '(default: X)' to every flag's --help whose default means something (flags whose default is None say
     in their own help what it resolves to). Unlike ArgumentDefaultsHelpFormatter it also covers flags without help."""

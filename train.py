@@ -44,8 +44,8 @@ from losses import compute_loss, repa_targets
 from model import SiT_models, default_encoder_depth
 from monitor import (STATS, BenchmarkTimer, Logger, Meter, StopSignal, check_finite, device_peak_tflops,
                      make_monitor, out_of_memory_message, reduce_stats, save_samples)
-from plumbing import (RefusedFlag, UsageError, autocast_ctx, released_spelling, set_tf32, setup_distributed,
-                      show_defaults)
+from plumbing import (ArgumentParser, RefusedFlag, UsageError, autocast_ctx, check_name, released_spelling, set_tf32,
+                      setup_distributed, show_defaults)
 from run_folder import (ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides,
                         run_fault_message)
 
@@ -381,7 +381,7 @@ SMOKE_METHODS = {"sit": dict(reg=False, proj_coeff=0.0, enc_type="none"), "repa"
 
 def build_parser():
     """All flags; names follow the released REPA train.py where it has one (aliases give our short names)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     g = p.add_argument_group("experiment")
     g.add_argument("--output-dir", "--results-dir", dest="output_dir", default="results")
     g.add_argument("--exp-name", default=None, help="default: <model>-<method>, e.g. SiT-XL-2-reg")
@@ -568,6 +568,7 @@ def check_args(args, world_size):
                              f"log.txt and metrics.jsonl are always written") from None
     if args.exp_name is None:
         args.exp_name = f"{args.model.replace('/', '-')}-{method_name(args)}"
+    check_name("--exp-name", args.exp_name)  # the run stays inside --output-dir
     if args.resume_step:  # the released way to resume: a step number in the experiment's folder
         if args.resume is not None:
             raise UsageError("give either --resume or --resume-step, not both")
@@ -606,8 +607,10 @@ NUMBER_RANGES = [
     (("batch_size", "max_train_steps", "epochs", "log_every", "checkpointing_steps", "num_sample_images",
       "sample_steps", "toy_samples", "resolution", "grad_accum", "projector_dim", "micro_batch_size", "num_classes",
       "encoder_depth"), 1, None, "a positive integer"),
-    (("sample_every", "num_workers", "benchmark", "seed"), 0, None, "an integer >= 0 (0 = off where it applies)"),
-    (("learning_rate", "adam_epsilon", "max_grad_norm"), 0, None, "a positive number"),
+    (("sample_every", "num_workers", "benchmark", "seed", "resume_step"), 0, None,
+     "an integer >= 0 (0 = off where it applies)"),
+    (("learning_rate", "adam_epsilon", "max_grad_norm", "peak_tflops"), 0, None, "a positive number"),
+    (("sample_cfg_scale",), 1, None, "a number >= 1 (1 = no guidance)"),
     (("proj_coeff", "cls", "adam_weight_decay"), 0, None, "a number >= 0"),
     (("ema_decay", "cfg_prob", "adam_beta1", "adam_beta2"), 0, 1, "a number in [0, 1]"),
 ]
