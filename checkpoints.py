@@ -34,6 +34,9 @@ def save_training_state(exp_dir, step, nets, batches, args, world_size, rank, de
     if rank != 0:
         return
     path = os.path.join(exp_dir, "checkpoints", f"{step:07d}.pt")
+    if not os.path.isdir(os.path.dirname(path)):  # made at the start: someone deleted (or unmounted) it since
+        log.info(f"warning: {os.path.dirname(path)} vanished during the run (deleted, moved or unmounted); writing "
+                 f"this checkpoint into a new one (the run's log.txt and metrics.jsonl went with the old folder)")
     save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "args": vars(args), "steps": step, "scaler": scaler.state_dict(),
                      "data": [batches.epoch, batches.pos], "rng": rngs, "world_size": world_size}, path)

@@ -41,11 +41,11 @@ import toy
 from checkpoints import load_resume, restore, seed_everything, seed_rank, save_training_state, set_optimizer_flags
 from encoders import VAE_SCALE
 from losses import compute_loss, repa_targets
-from model import SiT_models, default_encoder_depth
+from model import SIZES, SiT_models, default_encoder_depth
 from monitor import (STATS, BenchmarkTimer, Logger, Meter, StopSignal, check_finite, device_peak_tflops,
                      make_monitor, out_of_memory_message, reduce_stats, save_samples)
-from plumbing import (ArgumentParser, RefusedFlag, UsageError, autocast_ctx, check_name, released_spelling, set_tf32,
-                      setup_distributed, show_defaults)
+from plumbing import (ArgumentParser, RefusedFlag, UsageError, WriteError, autocast_ctx, check_name, released_spelling,
+                      set_tf32, setup_distributed, show_defaults)
 from run_folder import (ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides,
                         run_fault_message)
 
@@ -306,6 +306,8 @@ def build_training(args, device, grid_size, bench, log):
             encoders = encoders_module.load_encoders(args.enc_type, device, resolution=args.resolution,
                                                      grid_size=grid_size, enc_path=args.enc_path,
                                                      random_init=random_init, toy_style=args.toy_style)
+        except WriteError:  # the trained toy encoder could not be cached: its own message names the cause
+            raise
         except (OSError, ValueError, RuntimeError) as e:
             hint = "" if "--enc-path" in str(e) else ". Offline? pass --enc-path"
             raise UsageError(f"cannot load target encoder {args.enc_type!r}: {e}{hint} (--enc-type tiny-vit runs "
@@ -549,6 +551,10 @@ def check_args(args, world_size):
         raise UsageError("--repa needs --proj-coeff > 0 and a target encoder (--enc-type)")
     if args.encoder_depth is None:
         args.encoder_depth = default_encoder_depth(args.model)
+    depth = SIZES[args.model.split("-")[1].split("/")[0]][0]
+    if args.encoder_depth > depth:
+        raise UsageError(f"--encoder-depth {args.encoder_depth}: {args.model} has {depth} blocks; align after one of "
+                         f"blocks 1..{depth}")
     if args.micro_batch_size:
         # Smallest accumulation that keeps every micro-batch <= the limit and splits the local batch evenly.
         local = args.batch_size // max(world_size, 1)
@@ -628,10 +634,9 @@ def check_numbers(args):
 
 
 def no_data_message(what, data_dir="data/imagenet256", resolution=256):
-    return (f"{what} Preprocess ImageNet (images + SD-VAE latents) with\n"
-            f"  python data.py --source IMAGENET/train --dest {data_dir} --resolution {resolution}\n"
-            f"or train on the built-in toy set with --data-dir toy, or run the offline CPU smoke preset:\n"
-            f"  python train.py --smoke")
+    return (f"{what} Preprocess ImageNet (images + SD-VAE latents) with `python data.py --source IMAGENET/train "
+            f"--dest {data_dir} --resolution {resolution}`, or train on the built-in toy set with --data-dir toy, or "
+            f"run the offline CPU smoke preset: `python train.py --smoke`")
 
 
 if __name__ == "__main__":

@@ -353,3 +353,21 @@ def test_a_run_killed_at_any_point_of_a_checkpoint_write_continues_from_the_last
     assert ckpt_files(exp_dir) == ["0000001.pt", "0000002.pt", "0000003.pt"]  # and removed the torn temp file
     log = open(os.path.join(exp_dir, "log.txt")).read()
     assert f"resumed from {latest}" in log and "took over the lock" in log
+
+
+def test_a_checkpoint_folder_deleted_mid_run_is_made_again_and_said(tmp_path, capsys, monkeypatch):
+    # Someone deletes checkpoints/ while the run trains: the next checkpoint still lands (the run's state is only
+    # in memory), and the log says the folder had vanished.
+    cmd = [*TINY, "--output-dir", str(tmp_path), "--exp-name", "run", "--max-train-steps", "2"]
+    real_save = train.save_training_state
+
+    def delete_then_save(exp_dir, step, *a, **k):
+        if step == 2:
+            shutil.rmtree(os.path.join(exp_dir, "checkpoints"))
+        return real_save(exp_dir, step, *a, **k)
+    monkeypatch.setattr(train, "save_training_state", delete_then_save)
+    assert train.main(cmd)["steps"] == 2
+    exp_dir = str(tmp_path / "run")
+    assert ckpt_files(exp_dir) == ["0000002.pt"]
+    assert f"warning: {os.path.join(exp_dir, 'checkpoints')} vanished during the run" in \
+        open(os.path.join(exp_dir, "log.txt")).read()

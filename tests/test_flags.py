@@ -54,6 +54,8 @@ def no_compute(monkeypatch):
     (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
     (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--encoder-depth", "99"], "--encoder-depth 99: SiT-T/8 has 6 blocks; align after one of blocks 1..6"),
+    (["--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist. Preprocess ImageNet"),
 ])
 def test_train_refuses_each_bad_flag_in_one_line_before_any_compute(tmp_path, capsys, monkeypatch, flags, expected):
     no_compute(monkeypatch)
