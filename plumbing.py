@@ -4,12 +4,15 @@ import graph), so any file may use it.
 
     UsageError        bad input: a script prints it as one line and exits with status 2 (run_script); anything
                       else is a bug and keeps its traceback
-    write_atomic      temp file + rename (+ fsync): a killed run never leaves a half file under a final name
+    write_atomic      temp file + rename (+ fsync): a killed run never leaves a half file under a final name; a
+                      write the file system refuses is a WriteError (DiskFullError) naming the cause
+                      (os_error_advice), also where torch's zip writer hides it (os_error_in)
     load_torch_file   the one torch.load (weights only, memory-mapped); strip_prefixes (`module.`, `_orig_mod.`);
                       state_dict_mismatch: missing / unexpected / mis-shaped keys, for strict loading
     Progress          one line with images/s and ETA (fmt_duration: h:mm:ss)
     setup_distributed torchrun or one process; barrier, all_gather; set_tf32, autocast_ctx
     show_defaults, released_spelling, RefusedFlag   --help defaults and the released scripts' flag spellings
+    ArgumentParser, check_number, check_name, check_output_file   one-line flag errors, checked before compute
 """
 import argparse
 import errno
