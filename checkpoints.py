@@ -18,7 +18,8 @@ import torch
 
 import encoders
 from model import detect_model_config
-from plumbing import DiskFullError, UsageError, all_gather, load_torch_file, strip_prefixes, write_atomic
+from plumbing import (UsageError, WriteError, all_gather, load_torch_file, os_error_advice, strip_prefixes,
+                      write_atomic)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -33,6 +34,9 @@ def save_training_state(exp_dir, step, nets, batches, args, world_size, rank, de
     if rank != 0:
         return
     path = os.path.join(exp_dir, "checkpoints", f"{step:07d}.pt")
+    if not os.path.isdir(os.path.dirname(path)):  # made at the start: someone deleted (or unmounted) it since
+        log.info(f"warning: {os.path.dirname(path)} vanished during the run (deleted, moved or unmounted); writing "
+                 f"this checkpoint into a new one (the run's log.txt and metrics.jsonl went with the old folder)")
     save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "args": vars(args), "steps": step, "scaler": scaler.state_dict(),
                      "data": [batches.epoch, batches.pos], "rng": rngs, "world_size": world_size}, path)
@@ -41,17 +45,19 @@ def save_training_state(exp_dir, step, nets, batches, args, world_size, rank, de
 
 def save_checkpoint(obj, path):
     """torch.save to `path` atomically (write_atomic, fsynced): a crash or kill mid-write leaves at most a
-    stale temp file; an existing good checkpoint is never replaced by a partial one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    stale temp file; an existing good checkpoint is never replaced by a partial one. A write the file system
+    refuses (full disk, quota, read-only or vanished folder) is a UsageError naming the cause, the intact
+    previous checkpoint and what to do."""
     previous = latest_checkpoint(os.path.dirname(path) or ".")
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write_atomic(path, lambda f: torch.save(obj, f), fsync=True)
-    except (OSError, DiskFullError) as e:  # a full disk, a quota, a vanished mount: say what is safe, what to do
-        reason = "no space left on the device" if isinstance(e, DiskFullError) else f"{type(e).__name__}: {e}"
-        raise UsageError(f"could not write checkpoint {path} ({reason}); nothing was written under that name. "
-                         + (f"The previous checkpoint {previous} is intact: free some space and rerun the same "
-                            f"command to continue from it." if previous else
-                            "There is no earlier checkpoint: free some space and rerun the same command.")) from None
+    except OSError as e:  # WriteError from write_atomic (the cause in words), or makedirs' own
+        what, todo = (e.cause, e.todo) if isinstance(e, WriteError) else os_error_advice(e)
+        raise UsageError(f"could not write checkpoint {path} ({what}); nothing was written under that name. "
+                         + (f"The previous checkpoint {previous} is intact: {todo} and rerun the same command to "
+                            f"continue from it." if previous else
+                            f"There is no earlier checkpoint: {todo} and rerun the same command.")) from None
 
 
 def latest_checkpoint(checkpoint_dir):

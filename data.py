@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 
 from encoders import VAE_SCALE  # SD-VAE latent scale; z = (mean + std * eps) * VAE_SCALE
-from plumbing import Progress, UsageError, barrier, released_spelling, setup_distributed, show_defaults, write_atomic
+from plumbing import (ArgumentParser, Progress, UsageError, barrier, released_spelling, setup_distributed, show_defaults,
+                      write_atomic)
 from toy import TOY_STYLE, ToyDataset
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif'}
@@ -564,8 +565,8 @@ def build_dataset(data_dir, resolution=256, toy_samples=10000, seed=0, toy_style
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
+    p = ArgumentParser(
+        prog='data.py', allow_abbrev=False,
         description='Preprocess an ImageNet-style tree (SOURCE/<class>/<image>) for training: ADM center crop,\n'
                     'PNG images, SD-VAE posterior moments, dataset.json, in the layout of the released REPA/REG\n'
                     'code. Resumable: rerun the same command after a crash. Multi-GPU: run it under torchrun.',

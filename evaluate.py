@@ -38,7 +38,6 @@ How the figures can differ from ADM's (all far below the precision the papers pr
 - the sample mean in float64 (ADM: float32) and softmax / IS in float64 (ADM: float32, where a probability that
   underflows to 0 makes its IS NaN; here 0 log 0 = 0).
 """
-import argparse
 import io
 import json
 import os
@@ -61,7 +60,8 @@ from frechet import (_check_gaussian, _trace_sqrt_product_eigh, _trace_sqrt_prod
 from inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, load_inception
 from losses import interpolant
 from model import build_model, load_checkpoint
-from plumbing import Progress, UsageError, run_script, set_tf32, setup_distributed, show_defaults, write_atomic
+from plumbing import (ArgumentParser, Progress, UsageError, check_number, check_output_file, run_script, set_tf32,
+                      setup_distributed, show_defaults, write_atomic)
 from toy import experiment_main as toy_experiment_main  # `evaluate.py toy-experiment`: now `toy.py experiment`
 
 POOL_DIM, SPATIAL_DIM = 2048, 2023
@@ -314,11 +314,11 @@ def batch_activations(path, images, model, weights_sha256, args, rank, world, de
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False,
-                                description="FID, sFID, Inception Score, precision and recall of SAMPLE.npz against "
-                                            "an ADM reference batch REF.npz, computed as the ADM evaluator does. "
-                                            "Other commands: `evaluate.py alignment ...`, `evaluate.py "
-                                            "toy-experiment ...`.")
+    p = ArgumentParser(prog="evaluate.py", allow_abbrev=False,
+                       description="FID, sFID, Inception Score, precision and recall of SAMPLE.npz against "
+                                   "an ADM reference batch REF.npz, computed as the ADM evaluator does. "
+                                   "Other commands: `evaluate.py alignment ...`, `evaluate.py "
+                                   "toy-experiment ...`.")
     p.add_argument("sample", nargs="?", help="sample batch: .npz with arr_0 = uint8 [N, H, W, 3] (sample.py)")
     p.add_argument("ref", nargs="?", help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--inception", default=None,
@@ -607,7 +607,7 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
 
 
 def alignment_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="evaluate.py alignment", allow_abbrev=False,
         description="REPA §3 analysis of toy SiT checkpoints: per block, the linear-probe accuracy of the "
                     "token-averaged hidden state at time t and its CKNNA with the target encoder's features.")
@@ -621,6 +621,15 @@ def alignment_main(argv=None):
     p.add_argument("--plot", default="alignment.png", help="PNG plot of both curves per checkpoint")
     p.add_argument("--json", default=None, help="also write the numbers here")
     a = p.parse_args(argv)
+    check_number("--t", a.t, 0.0, 1.0, what="a number in [0, 1] (0 = clean data, 1 = pure noise)")
+    check_number("--num-samples", a.num_samples, 3)
+    check_number("--seed", a.seed, 0)
+    check_output_file("--plot", a.plot, (".png",))
+    if a.json is not None:
+        check_output_file("--json", a.json, (".json",))
+    missing = [c for c in a.ckpt if not os.path.isfile(c)]
+    if missing:
+        raise UsageError(f"--ckpt {missing[0]}: no such file")
     if a.label and len(a.label) != len(a.ckpt):
         raise UsageError(f"--label gives {len(a.label)} names for {len(a.ckpt)} checkpoints")
     if not 1 <= a.topk < a.num_samples - 1:

@@ -76,7 +76,10 @@ class Logger:
 
     def close(self):
         for f in self.files or ():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # its last flush on a full or read-only disk: the run's own error says so
+                pass
         if self.writer:
             self.writer.close()
         if self.wandb:

@@ -4,12 +4,15 @@ import graph), so any file may use it.
 
     UsageError        bad input: a script prints it as one line and exits with status 2 (run_script); anything
                       else is a bug and keeps its traceback
-    write_atomic      temp file + rename (+ fsync): a killed run never leaves a half file under a final name
+    write_atomic      temp file + rename (+ fsync): a killed run never leaves a half file under a final name; a
+                      write the file system refuses is a WriteError (DiskFullError) naming the cause
+                      (os_error_advice), also where torch's zip writer hides it (os_error_in)
     load_torch_file   the one torch.load (weights only, memory-mapped); strip_prefixes (`module.`, `_orig_mod.`);
                       state_dict_mismatch: missing / unexpected / mis-shaped keys, for strict loading
     Progress          one line with images/s and ETA (fmt_duration: h:mm:ss)
     setup_distributed torchrun or one process; barrier, all_gather; set_tf32, autocast_ctx
     show_defaults, released_spelling, RefusedFlag   --help defaults and the released scripts' flag spellings
+    ArgumentParser, check_number, check_name, check_output_file   one-line flag errors, checked before compute
 """
 import argparse
 import errno
@@ -37,8 +40,76 @@ class MissingFileError(UsageError, FileNotFoundError):
     """A file the user named does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
-class DiskFullError(UsageError):
+class WriteError(UsageError, OSError):
+    """Writing a file failed for a reason outside the program (a full disk, a quota, a read-only or vanished
+    folder, an I/O error): one line naming the cause and what to do. Files written before are complete and kept.
+    Also an OSError with the cause's errno, for callers that catch those (e.g. a cache that is only a speed-up)."""
+
+    def __init__(self, message, errno_=None, cause=None, todo=None):
+        super().__init__(message)
+        self.errno, self.cause, self.todo = errno_, cause, todo  # the cause and what to do, in words
+
+
+class DiskFullError(WriteError):
     """No space left (or over quota) while writing: what was written before is complete and kept."""
+
+
+# errno -> (the cause in words, what to do about it); os_error_advice falls back to the system's words.
+OS_ERROR_ADVICE = {
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some of your quota (or have it raised)"),
+    errno.EROFS: ("the file system is read-only", "make it writable again (remount it read-write)"),
+    errno.EACCES: ("permission denied", "make the folder writable again (chmod / chown)"),
+    errno.EPERM: ("operation not permitted", "make the folder writable again (chmod / chown)"),
+    errno.ENOENT: ("the file or its folder vanished (deleted, moved or unmounted while in use)",
+                   "restore it (or remount the file system)"),
+    errno.ESTALE: ("stale network file handle (the folder was removed or remounted on the server)",
+                   "remount the file system"),
+    errno.EIO: ("input/output error on the device", "check the disk or network mount"),
+}
+
+
+def os_error_in(e):
+    """The OSError behind `e`: e itself, or the first in its __cause__ / __context__ chain (torch's zip writer
+    turns a failed write into a RuntimeError "unexpected pos ..." whose context is the OSError); None if none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def os_error_advice(e, skip_name=()):
+    """(cause, what to do) of an OSError in words, e.g. ('no space left on the device', 'free some space').
+    An exception re-raised from a DataLoader worker carries no errno, only the worker's traceback as text: its
+    last line is the cause."""
+    code, name, text = e.errno, e.filename, e.strerror
+    if code is None:  # "...\nFileNotFoundError: [Errno 2] No such file or directory: 'x'" from a worker
+        text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        m = re.search(r"\[Errno (\d+)\] [^:]*(?:: '(.*)')?$", text)
+        code, name = (int(m.group(1)), m.group(2)) if m else (None, None)
+    cause, todo = OS_ERROR_ADVICE.get(code, (text or type(e).__name__, "fix the cause"))
+    return (f"{cause}: {name}" if name and name not in skip_name else cause), todo
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write: torch's zip writer calls write() from C++ and
+    reports a failure as its own RuntimeError, so that the real cause would otherwise be lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,29 +120,34 @@ def write_atomic(path, data, fsync=False):
     """Write `path` via a temp file + os.replace: a killed run never leaves a half file under a final name.
 
     data: bytes, or a function that writes to the open binary file (torch.save, np.savez: no second copy in
-    memory). fsync=True flushes to the disk before the rename (checkpoints). A full disk raises DiskFullError;
-    files written before stay complete."""
+    memory). fsync=True flushes to the disk before the rename (checkpoints). A write the file system refuses
+    raises WriteError (DiskFullError for a full disk or quota) naming the cause, also where the writer hid it
+    (torch's zip writer); the temp file is removed and files written before stay complete."""
     tmp = f'{path}.{os.getpid()}.tmp'
+    f = None
     try:
-        with open(tmp, 'wb') as f:
+        with open(tmp, 'wb') as raw:
+            f = _RecordingFile(raw)
             if callable(data):
                 data(f)
             else:
                 f.write(data)
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+                raw.flush()
+                os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f'no space left on the device while writing {path}. Every file already written is '
-                                f'complete and kept; free some space and rerun the same command to continue where '
-                                f'it stopped.') from None
-        raise
+        cause = (os_error_in(e) or (f.error if f is not None else None)) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        what, todo = os_error_advice(cause, skip_name=(tmp, path))
+        kind = DiskFullError if cause.errno in (errno.ENOSPC, errno.EDQUOT) else WriteError
+        raise kind(f'{what} while writing {path}. Every file already written is complete and kept; {todo} and '
+                   f'rerun the same command to continue where it stopped.', cause.errno, what, todo) from None
 
 
 def load_torch_file(path, trust=False, mmap=True):
@@ -248,6 +324,56 @@ def autocast_ctx(device, mixed_precision):
 # ----------------------------------------------------------------------------------------------------------------
 # Command lines
 # ----------------------------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without the usage dump on bad input: one line `prog: error: ...` that names the flag, and exit
+    status 2 (--help still prints every flag)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_number(flag, value, low=None, high=None, above=False, what=None):
+    """A finite number in [low, high] (above=True: > low); else a UsageError naming the flag. None passes."""
+    if value is None:
+        return value
+    bad = (not math.isfinite(value) or (low is not None and (value <= low if above else value < low))
+           or (high is not None and value > high))
+    if bad:
+        if what is None:
+            what = ("a number" if isinstance(value, float) else "an integer") + (
+                f" in [{low}, {high}]" if low is not None and high is not None else
+                f" > {low}" if above else f" >= {low}" if low is not None else f" <= {high}" if high is not None
+                else "")
+        raise UsageError(f"{flag} must be {what}, got {value}")
+    return value
+
+
+def check_name(flag, name):
+    """A single file or folder name (no separators, not '.' or '..', not empty): what a flag that names
+    something inside another folder takes, so that the result stays inside it."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or (os.altsep and os.altsep in name)
+            or "\0" in name or name != name.strip()):
+        raise UsageError(f"{flag} {name!r} must be one plain name (no / or \\, not '.' or '..', no surrounding "
+                         f"spaces): it names a folder or file inside the output folder")
+    return name
+
+
+def check_output_file(flag, path, suffixes):
+    """A file this run will write: not an existing folder, its folder not a file, a name ending in one of
+    `suffixes` (what is written is in that format). Checked before any compute."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; pass a file name ending in {' or '.join(suffixes)}")
+    if not path.lower().endswith(tuple(suffixes)) or os.path.basename(path) in suffixes:
+        raise UsageError(f"{flag} {path}: the file is written as {suffixes[0]}; give a name ending in "
+                         f"{' or '.join(suffixes)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    return path
+
 
 def show_defaults(parser):
     """Append '(default: X)' to every flag's --help whose default means something (flags whose default is None say

@@ -16,8 +16,8 @@ import time
 
 import torch.distributed as dist
 
-from checkpoints import check_resume_compatible, checkpoint_steps, read_checkpoint
-from plumbing import UsageError, write_atomic
+from checkpoints import check_resume_compatible, checkpoint_steps, latest_checkpoint, read_checkpoint
+from plumbing import UsageError, WriteError, os_error_advice, write_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,6 +148,17 @@ def check_fresh_folder(args, exp_dir):
                          f"changed. Pass another --exp-name (or --output-dir), or delete that folder to reuse it.")
 
 
+def run_fault_message(e, exp_dir):
+    """One line for an OSError that stopped a run from outside the program (a full disk, a quota, a read-only or
+    vanished folder, a data file gone): the cause, the latest checkpoint (intact: checkpoints are written
+    atomically) and what to do."""
+    what, todo = (e.cause, e.todo) if isinstance(e, WriteError) and e.cause else os_error_advice(e)
+    latest = latest_checkpoint(os.path.join(exp_dir, "checkpoints")) if exp_dir else None
+    return (f"{what}. " + (f"The latest checkpoint {latest} is intact: {todo} and rerun the same command to "
+                           f"continue from it." if latest else f"No checkpoint was written yet: {todo} and rerun "
+                                                               f"the same command."))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The lock
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,7 +275,11 @@ class ExperimentFolder:
         """Training begins: the folder is kept from now on. args.json describes the checkpoints, so a resumed run
         leaves it as it is (its changed settings are in log.txt and in each checkpoint's args)."""
         self.started = True
-        os.makedirs(os.path.join(self.exp_dir, "checkpoints"), exist_ok=True)
+        ckpt_dir = os.path.join(self.exp_dir, "checkpoints")
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for name in os.listdir(ckpt_dir):  # half-written temp files of a killed run (the lock is ours: no writer)
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(ckpt_dir, name))
         if not resumed or not os.path.exists(os.path.join(self.exp_dir, "args.json")):
             write_atomic(os.path.join(self.exp_dir, "args.json"), json.dumps(vars(args), indent=2).encode())
 
@@ -276,7 +291,10 @@ class ExperimentFolder:
         except (OSError, ValueError):
             mine = False
         if mine:
-            os.remove(self.path)
+            try:
+                os.remove(self.path)
+            except OSError:  # the folder turned read-only or vanished: the run's own message says so; the next
+                pass         # run takes over a lock whose process is gone
         if not self.started:
             self._remove_created()
 

@@ -37,8 +37,8 @@ from PIL import Image
 from encoders import VAE_SCALE, load_vae
 from losses import interpolant
 from model import SiT_models, build_model, describe_config, load_checkpoint, rename_legacy_blocks
-from plumbing import (Progress, UsageError, barrier, released_spelling, run_script, set_tf32, setup_distributed,
-                      show_defaults, write_atomic)
+from plumbing import (ArgumentParser, MissingFileError, Progress, UsageError, barrier, check_number, check_output_file,
+                      released_spelling, run_script, set_tf32, setup_distributed, show_defaults, write_atomic)
 from toy import toy_accuracy
 
 # The null label of classifier-free guidance is row `num_classes` of the label table (1000 for ImageNet).
@@ -227,6 +227,7 @@ def main(argv=None):
     check_args(args)
     # A long collective timeout: after a resume the ranks may have very different amounts of work left.
     rank, world, device = setup_distributed(args.device, timeout=timedelta(hours=6))
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     try:
         set_tf32(args.tf32)
         model, vae, config = load_for_sampling(args, rank, world, device)
@@ -305,9 +306,24 @@ def _sample_batch(args, model, vae, latent_scale, path_type, indices, labels, de
 # --------------------------------------------------------------------------------------------------------------
 
 def check_args(args):
-    """Flag combinations argparse cannot check; raises UsageError before anything is loaded."""
-    if args.cfg_scale < 1.0:
-        raise UsageError(f"--cfg-scale {args.cfg_scale} < 1: use 1 for no guidance (as the released code)")
+    """Flag values and combinations argparse cannot check; raises UsageError before anything is loaded."""
+    check_number("--cfg-scale", args.cfg_scale, 1.0, what="a number >= 1 (1 = no guidance, as the released code)")
+    check_number("--cls-cfg-scale", args.cls_cfg_scale, 0.0, what="a number >= 0 (0 = the conditional class token)")
+    check_number("--guidance-low", args.guidance_low, 0.0, 1.0)
+    check_number("--guidance-high", args.guidance_high, 0.0, 1.0)
+    check_number("--nrow", args.nrow, 1, what="a positive integer (images per grid row)")
+    for flag, value in (("--num-classes", args.num_classes), ("--encoder-depth", args.encoder_depth),
+                        ("--resolution", args.resolution), ("--cls", args.cls)):
+        check_number(flag, value, 1, what="a positive integer")
+    bad = [c for c in args.class_labels or [] if c < 0]
+    if bad:
+        raise UsageError(f"--class-labels {bad[0]}: class labels are 0 .. num_classes - 1")
+    if args.grid_path is not None:
+        check_output_file("--grid-path", args.grid_path, (".png",))
+    if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
+        raise UsageError(f"--sample-dir {args.sample_dir} is a file; pass a folder")
+    if not os.path.exists(args.ckpt):
+        raise MissingFileError(f"--ckpt {args.ckpt}: checkpoint not found")
     if not args.guidance_low <= args.guidance_high:
         raise UsageError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}")
     if args.num_fid_samples is not None and args.class_labels is not None:
@@ -560,8 +576,8 @@ def _positive_int(s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample images from a SiT / REPA / REG checkpoint (grid or FID folder).",
-                                allow_abbrev=False)
+    p = ArgumentParser(prog="sample.py", allow_abbrev=False,
+                       description="Sample images from a SiT / REPA / REG checkpoint (grid or FID folder).")
     p.add_argument("--ckpt", required=True, help="our checkpoint, or the released REPA / REG .pt file")
     p.add_argument("--use-model-weights", action="store_true", help="our checkpoints: raw weights instead of EMA")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -597,7 +613,9 @@ def parse_args(argv=None):
     p.add_argument("--cls-cfg-scale", type=float, default=0.0, help="REG: guidance of the class token (0 = cond.)")
     p.add_argument("--seed", "--global-seed", type=int, default=0)
     p.add_argument("--vae", default="ema", help="ema | mse | a local VAE dir/file | random (SD-VAE decoder)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="model autocast dtype")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="model autocast dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 is emulated and "
+                        "several times slower without bf16 units)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

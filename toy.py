@@ -12,13 +12,14 @@ The toy world stands in for ImageNet + DINOv2 on a CPU: pixel space instead of S
 more than the tiny SiT), a small target encoder trained once on the toy shapes (then cached) instead of DINOv2 (whose features know
 nothing of these shapes), and a metric that needs no Inception network.
 """
-import argparse
 import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 
 import encoders
 from frechet import frechet_distance, gaussian_statistics
-from plumbing import UsageError, run_script, write_atomic
+from plumbing import ArgumentParser, UsageError, check_name, check_number, run_script, write_atomic
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,7 +559,7 @@ def layout_figure(path, results, examples, scale=8):
 
 
 def encoders_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="toy.py encoders", allow_abbrev=False,
         description="Compare toy target encoders on held-out toy images: within-class cosine of same-position "
                     "patch tokens, per-patch linear probes of foreground coverage and of the offset from the "
@@ -570,6 +571,8 @@ def encoders_main(argv=None):
     p.add_argument("--num-images", type=int, default=1200)
     p.add_argument("--output-dir", default=None, help="default experiments/toy/STYLE")
     a = p.parse_args(argv)
+    check_number("--grid-size", a.grid_size, 1)
+    check_number("--num-images", a.num_images, 12)
     a.output_dir = a.output_dir or os.path.join("experiments", "toy", a.toy_style)
     bad = [n for n in a.enc_type if n not in encoders.TOY_OBJECTIVES.values()]
     if bad:
@@ -705,10 +708,22 @@ def read_curve(exp_dir, key="toy_joint"):
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
-def start_training(flags, env=None):
+def start_training(flags, env=None, name=None):
     """One training run as its own process, `python train.py FLAGS` (what a user would type; memory is freed
-    between runs); returns the Popen."""
-    return subprocess.Popen([sys.executable, TRAIN_PY, *flags], env=env)
+    between runs); returns the Popen. With a name, each line it prints is shown as `[name] line` (runs side by
+    side would interleave), by a thread that proc.relay holds."""
+    if name is None:
+        return subprocess.Popen([sys.executable, TRAIN_PY, *flags], env=env)
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, *flags], env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def relay():
+        for line in proc.stdout:
+            sys.stdout.write(f"[{name}] {line.decode(errors='replace').rstrip()}\n")
+            sys.stdout.flush()
+    proc.relay = threading.Thread(target=relay, daemon=True)
+    proc.relay.start()
+    return proc
 
 
 def run_trainings(runs, jobs=1):
@@ -722,12 +737,14 @@ def run_trainings(runs, jobs=1):
         while pending and len(running) < jobs and not failed:
             name, flags, done = pending.pop(0)
             print(f"=== {name}: python train.py {' '.join(flags)}", flush=True)
-            running.append((start_training(flags, env), flags, done))
+            running.append((start_training(flags, env, name), flags, done))
         for run in list(running):
             proc, flags, done = run
             if proc.poll() is None:
                 continue
             running.remove(run)
+            if getattr(proc, "relay", None) is not None:
+                proc.relay.join()  # its last lines (the error message of a failed run) before ours
             if proc.returncode == 0:
                 write_atomic(done, json.dumps({"flags": flags}, indent=1).encode())
             else:
@@ -737,6 +754,18 @@ def run_trainings(runs, jobs=1):
     if failed:
         raise UsageError(f"{'; '.join(failed)} (its message is above); rerun the same command to continue: "
                          f"finished runs are kept")
+
+
+def prepare_toy_encoders(runs_flags):
+    """Train the toy target encoders that these train.py runs need and that are not cached yet, once, before
+    they start (runs side by side would each train the same one). The token grid is the smoke preset's
+    (SiT-T/4 at 16 px) unless the flags name another --model / --resolution."""
+    for flags in runs_flags:
+        v = flag_values(flags)
+        if v.get("--smoke") == "sit" or v.get("--enc-type", "toy-vit") == "none":
+            continue
+        grid = int(v.get("--resolution", 16)) // int(str(v.get("--model", "SiT-T/4")).split("/")[-1])
+        ensure_toy_encoder(str(v.get("--enc-type", "toy-vit")), grid, style=v.get("--toy-style"))
 
 
 def flag_values(flags):
@@ -760,7 +789,19 @@ def check_finished_run(done, flags):
     if old is None or old == flags:
         return
     a, b = flag_values(old), flag_values(flags)
-    diff = [f"{k}: {a.get(k)!r} (finished run) vs {b.get(k)!r} (now)" for k in sorted(a.keys() | b.keys())
+    try:  # what the finished run resolved a flag it was not given to (its preset's or train.py's default)
+        with open(os.path.join(os.path.dirname(done), "args.json")) as f:
+            resolved = json.load(f)
+    except (OSError, ValueError):
+        resolved = {}
+
+    def shown(values, k, who):
+        if k in values:
+            return f"{values[k]!r} ({who})"
+        key = k.lstrip("-").replace("-", "_")
+        default = f": {resolved[key]!r}" if who == "finished run" and key in resolved else ""
+        return f"not given ({who}; default{default})"
+    diff = [f"{k}: {shown(a, k, 'finished run')} vs {shown(b, k, 'now')}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k != "--output-dir"]
     if diff:
         raise UsageError(f"{os.path.dirname(done)} holds a finished run of another configuration ({'; '.join(diff)}); "
@@ -768,12 +809,12 @@ def check_finished_run(done, flags):
 
 
 def experiment_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="toy.py experiment", allow_abbrev=False,
         description="Train SiT, REPA and REG on the toy set with the smoke preset (same seed, batch and steps "
-                    "for the three), several seeds; write a table and a PNG plot of joint toy accuracy against "
-                    "the training step. Finished runs are reused, so a killed experiment continues. Other flags "
-                    "go to train.py.")
+                    "for the three), several seeds; write tables and PNG plots of the toy FD and joint accuracy "
+                    "against the training step, and the steps each method needs to reach SiT's final values. "
+                    "Finished runs are reused, so a killed experiment continues. Other flags go to train.py.")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHOD_FLAGS),
                    help="repa / reg use the smoke preset's target encoder; repa-dense, reg-class, ... name one")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -786,7 +827,8 @@ def experiment_main(argv=None):
                    "time: experiments/toy/pilots.md)")
     p.add_argument("--toy-style", default=EXPERIMENT_STYLE, choices=list(TOY_STYLES),
                    help="the toy set (train.py --toy-style); default the one with sizes the label does not say")
-    p.add_argument("--output-dir", default=None, help="one folder per run (default experiments/toy/STYLE); metrics, "
+    p.add_argument("--output-dir", default=None, help="one folder per run (default experiments/toy/STYLE-DESIGN, "
+                                                      "with any train.py flags appended to the name); metrics, "
                                                       "args, logs and grids are small and meant to be committed")
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time, each with OMP_NUM_THREADS = CPUs / "
                                                          "jobs (2 on a 2-core machine: about 1.2x the throughput)")
@@ -795,9 +837,18 @@ def experiment_main(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="training steps between evaluations (the smoke "
                                                               "preset's own --sample-every is 200)")
     a, extra = p.parse_known_args(argv)
-    a.output_dir = a.output_dir or os.path.join("experiments", "toy", f"{a.toy_style}-{a.design}")
     if a.jobs < 1:
         raise UsageError(f"--jobs {a.jobs}: give 1 or more trainings to run at a time")
+    for seed in a.seeds:
+        check_number("--seeds", seed, 0)
+    check_number("--eval-every", a.eval_every, 0, what="an integer >= 0 (0 = the preset's --sample-every)")
+    check_number("--eval-images", a.eval_images, 2, what="an integer >= 2 (the toy FD needs two samples)")
+    check_number("--eval-steps", a.eval_steps, 1)
+    if a.tag:
+        check_name("--tag", a.tag)
+    # Flags for train.py make another configuration than the committed runs': by default its own folder.
+    a.output_dir = a.output_dir or os.path.join("experiments", "toy", f"{a.toy_style}-{a.design}" + "".join(
+        "-" + re.sub(r"[^A-Za-z0-9.]+", "-", f.lstrip("-")) for f in extra))
     runs, todo = {}, []
     t0 = time.time()
     for seed in a.seeds:  # seed by seed: a cut-short experiment has every method of its first seeds
@@ -816,6 +867,7 @@ def experiment_main(argv=None):
             else:
                 todo.append((name, flags, done))
             runs[(method, seed)] = exp_dir
+    prepare_toy_encoders([flags for _, flags, _ in todo])
     run_trainings(todo, a.jobs)
     curves = {key: {k: read_curve(exp_dir, k) for k, _, _ in MEASURES} for key, exp_dir in runs.items()}
     print(f"experiment finished in {time.time() - t0:.0f} s", flush=True)
@@ -945,11 +997,23 @@ def main(argv=None):
     """`toy.py experiment ...` or `toy.py encoders ...`; returns 0 for the shell."""
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"experiment": experiment_main, "encoders": encoders_main}
-    if not argv or argv[0] not in commands:
-        raise UsageError("usage: python toy.py experiment [--methods sit repa reg] [--seeds 0 1 2] [train.py flags]"
-                         " | python toy.py encoders [--enc-type toy-vit toy-vit-dense]")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        return 0
+    if argv[0] not in commands:
+        raise UsageError(f"unknown command {argv[0]!r}: use `python toy.py experiment ...` or `python toy.py "
+                         f"encoders ...` (python toy.py --help)")
     commands[argv[0]](argv[1:])
     return 0
+
+
+HELP = """usage: python toy.py experiment [--methods sit repa reg] [--seeds 0 1 2] [--jobs N] [train.py flags]
+       python toy.py encoders [--enc-type toy-vit toy-vit-dense] [--toy-style STYLE]
+
+The offline toy world (docs/toy.md):
+  experiment  train SiT, REPA and REG on the toy set with the smoke preset, several seeds; a table and plots
+              of joint toy accuracy against the step (python toy.py experiment --help)
+  encoders    what the toy target encoders' patch tokens carry (python toy.py encoders --help)"""
 
 
 if __name__ == "__main__":

@@ -42,15 +42,16 @@ import toy
 from checkpoints import load_resume, restore, seed_everything, seed_rank, save_training_state, set_optimizer_flags
 from encoders import VAE_SCALE
 from losses import compute_loss, repa_targets, spatial_normalize
-from model import PROJECTORS, SiT_models, default_encoder_depth
+from model import PROJECTORS, SIZES, SiT_models, default_encoder_depth
 from monitor import (BENCHMARK_DEFAULT, BENCHMARK_WARMUP, BENCHMARK_WINDOW, STATS, BenchmarkTimer, Logger, Meter,
                      StepStats, StopSignal, check_finite, device_peak_tflops, make_monitor, out_of_memory_message,
                      save_samples)
 from profiling import (BACKWARD, BATCH, CLIP, EMA, FORWARD, OPTIMIZER, PROFILE_STEPS, STATS as STATS_PART,
                        StepProfiler, part)
-from plumbing import (RefusedFlag, UsageError, autocast_ctx, released_spelling, set_tf32, setup_distributed,
-                      show_defaults)
-from run_folder import ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides
+from plumbing import (ArgumentParser, RefusedFlag, UsageError, WriteError, autocast_ctx, check_name, released_spelling,
+                      set_tf32, setup_distributed, show_defaults)
+from run_folder import (ExperimentFolder, changed_settings, choose_start, folder_notes, rank0_decides,
+                        run_fault_message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,6 +175,10 @@ def main(argv=None):
         return run(args)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except OSError as e:  # the file system failed the run (full, quota, read-only, a file gone): not a bug
+        exp_dir = os.path.join(args.output_dir, args.exp_name) if args.exp_name and not args.benchmark else None
+        print(f"train.py: error: {run_fault_message(e, exp_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one during set-up
         print("train.py: interrupted; the latest checkpoint in the experiment folder is intact: rerun the same "
@@ -399,6 +404,8 @@ def build_training(args, device, grid_size, bench, log):
             encoders = encoders_module.load_encoders(args.enc_type, device, resolution=args.resolution,
                                                      grid_size=grid_size, enc_path=args.enc_path,
                                                      random_init=random_init, toy_style=args.toy_style)
+        except WriteError:  # the trained toy encoder could not be cached: its own message names the cause
+            raise
         except (OSError, ValueError, RuntimeError) as e:
             hint = "" if "--enc-path" in str(e) else ". Offline? pass --enc-path"
             raise UsageError(f"cannot load target encoder {args.enc_type!r}: {e}{hint} (--enc-type tiny-vit runs "
@@ -481,7 +488,7 @@ SMOKE_METHODS = {"sit": dict(reg=False, proj_coeff=0.0, enc_type="none"),
 
 def build_parser():
     """All flags; names follow the released REPA train.py where it has one (aliases give our short names)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     g = p.add_argument_group("experiment")
     g.add_argument("--output-dir", "--results-dir", dest="output_dir", default="results")
     g.add_argument("--exp-name", default=None, help="default: <model>-<method>, e.g. SiT-XL-2-reg")
@@ -671,6 +678,10 @@ def check_args(args, world_size):
                              f"to an encoder")
     if args.encoder_depth is None:
         args.encoder_depth = default_encoder_depth(args.model)
+    depth = SIZES[args.model.split("-")[1].split("/")[0]][0]
+    if args.encoder_depth > depth:
+        raise UsageError(f"--encoder-depth {args.encoder_depth}: {args.model} has {depth} blocks; align after one of "
+                         f"blocks 1..{depth}")
     if args.micro_batch_size:
         # Smallest accumulation that keeps every micro-batch <= the limit and splits the local batch evenly.
         local = args.batch_size // max(world_size, 1)
@@ -690,6 +701,7 @@ def check_args(args, world_size):
                              f"log.txt and metrics.jsonl are always written") from None
     if args.exp_name is None:
         args.exp_name = f"{args.model.replace('/', '-')}-{method_name(args)}"
+    check_name("--exp-name", args.exp_name)  # the run stays inside --output-dir
     if args.resume_step:  # the released way to resume: a step number in the experiment's folder
         if args.resume is not None:
             raise UsageError("give either --resume or --resume-step, not both")
@@ -728,8 +740,10 @@ NUMBER_RANGES = [
     (("batch_size", "max_train_steps", "epochs", "log_every", "checkpointing_steps", "num_sample_images",
       "sample_steps", "toy_samples", "resolution", "grad_accum", "projector_dim", "micro_batch_size", "num_classes",
       "encoder_depth"), 1, None, "a positive integer"),
-    (("sample_every", "num_workers", "benchmark", "seed"), 0, None, "an integer >= 0 (0 = off where it applies)"),
-    (("learning_rate", "adam_epsilon", "max_grad_norm"), 0, None, "a positive number"),
+    (("sample_every", "num_workers", "benchmark", "seed", "resume_step"), 0, None,
+     "an integer >= 0 (0 = off where it applies)"),
+    (("learning_rate", "adam_epsilon", "max_grad_norm", "peak_tflops"), 0, None, "a positive number"),
+    (("sample_cfg_scale",), 1, None, "a number >= 1 (1 = no guidance)"),
     (("proj_coeff", "cls", "adam_weight_decay", "target_norm_gamma"), 0, None, "a number >= 0"),
     (("ema_decay", "cfg_prob", "adam_beta1", "adam_beta2"), 0, 1, "a number in [0, 1]"),
 ]
@@ -747,10 +761,9 @@ def check_numbers(args):
 
 
 def no_data_message(what, data_dir="data/imagenet256", resolution=256):
-    return (f"{what} Preprocess ImageNet (images + SD-VAE latents) with\n"
-            f"  python data.py --source IMAGENET/train --dest {data_dir} --resolution {resolution}\n"
-            f"or train on the built-in toy set with --data-dir toy, or run the offline CPU smoke preset:\n"
-            f"  python train.py --smoke")
+    return (f"{what} Preprocess ImageNet (images + SD-VAE latents) with `python data.py --source IMAGENET/train "
+            f"--dest {data_dir} --resolution {resolution}`, or train on the built-in toy set with --data-dir toy, or "
+            f"run the offline CPU smoke preset: `python train.py --smoke`")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_parallel_trainings_keep_finished_runs_and_stop_on_a_failure(tmp_path, m
     import sys
     threads = []
 
-    def fake(flags, env=None):  # exits with the status given as the first flag, after a while
+    def fake(flags, env=None, name=None):  # exits with the status given as the first flag, after a while
         threads.append(env["OMP_NUM_THREADS"])
         return subprocess.Popen([sys.executable, "-c", f"import time, sys; time.sleep({flags[1]}); sys.exit({flags[0]})"])
     monkeypatch.setattr(toy, "start_training", fake)

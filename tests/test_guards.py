@@ -264,6 +264,7 @@ def bad_input(*a, **k):
 
 
 def test_a_scripts_top_prints_bad_input_in_one_line_and_lets_an_internal_error_through(tmp_path, monkeypatch, capsys):
+    (tmp_path / "x.pt").write_bytes(b"")  # exists: the file check passes, the mocked loader decides
     ckpt = ["--ckpt", str(tmp_path / "x.pt"), "--device", "cpu"]
     monkeypatch.setattr(sample, "load_for_sampling", bad_input)
     assert sample.cli(ckpt) == 2

@@ -273,7 +273,7 @@ def _save_ours(path, seed=0):
 
 
 FID_ARGS = ["--num-fid-samples", "7", "--mode", "sde", "--num-steps", "5", "--cfg-scale", "2.0", "--guidance-high",
-            "0.7", "--cls-cfg-scale", "2.0", "--per-proc-batch-size", "2", "--device", "cpu"]
+            "0.7", "--cls-cfg-scale", "2.0", "--per-proc-batch-size", "2", "--device", "cpu", "--precision", "bf16"]
 
 
 @pytest.fixture(scope="module")
