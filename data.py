@@ -19,7 +19,7 @@ JPEGs, and resumes after a crash. Item i is the i-th file of the sorted source l
 the released tool), so names never depend on how many ranks ran or on where a run was interrupted; a skipped
 (unreadable) source image leaves a gap in the numbering.
 
-Training reads that layout with `ImageLatentDataset`, or, with no files at all, `toy.ToyDataset` (pixel space);
+Training reads that layout with `ImageLatentDataset`, or, with no files at all, `toy_world.ToyDataset` (pixel space);
 `ShardSampler` splits it over ranks and `Batches` is the resumable stream of micro-batches train.py draws from.
 """
 import argparse
@@ -38,7 +38,7 @@ from PIL import Image
 from encoders import VAE_SCALE  # SD-VAE latent scale; z = (mean + std * eps) * VAE_SCALE
 from plumbing import (ArgumentParser, Progress, UsageError, barrier, released_spelling, setup_distributed, show_defaults,
                       write_atomic)
-from toy import TOY_STYLE, ToyDataset
+from toy_world import TOY_STYLE, ToyDataset
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif'}
 

@@ -5,7 +5,7 @@
     VAE_SCALE       z = 0.18215 * latent, the scale SiT is trained on
 
 Target encoders come from timm (weights: timm's Hugging Face copies of the official checkpoints, or a local file,
-or random for tests). `toy-vit` is trained on the toy shapes by toy.train_toy_encoder and only read here, from its
+or random for tests). `toy-vit` is trained on the toy shapes by toy_world.train_toy_encoder and only read here, from its
 cache file (toy_encoder_path). The VAE is written here in plain torch, module for module like diffusers'
 AutoencoderKL, so its public weight files (`stabilityai/sd-vae-ft-ema`, `-mse`) load without diffusers.
 """
@@ -38,7 +38,7 @@ class ConvStemPatchEmbed(nn.Module):
     """timm's PatchEmbed interface with a small convolutional stem instead of one patchifying conv (early
     convolutions make ViTs train much faster from scratch: Xiao et al. 2021, "Early Convolutions Help Transformers
     See Better"). x [N,3,H,W] -> conv3x3 (3->D/2) - GELU - conv3x3 (D/2->D/2) - GELU - conv pxp stride p (D/2->D)
-    -> tokens [N, (H/p)(W/p), D]. Used by the toy target encoder, which toy.train_toy_encoder trains from scratch."""
+    -> tokens [N, (H/p)(W/p), D]. Used by the toy target encoder, which toy_world.train_toy_encoder trains from scratch."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, **unused):
         super().__init__()
@@ -92,11 +92,11 @@ ENCODERS = {
     "jepa-vit-h": dict(timm="vit_huge_patch14_gap_224.in1k_ijepa"),
     # Small random ViT for tests and benchmarks; never pretrained.
     "tiny-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TINY, hub=False, random_only=True),
-    # Small ViT trained by this project on the toy shapes (toy.train_toy_encoder), cached on first use; toy data only.
+    # Small ViT trained by this project on the toy shapes (toy_world.train_toy_encoder), cached on first use; toy data only.
     "toy-vit": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="class"),
-    # The same, trained to say also where in the shape each patch is (toy.train_toy_encoder, objective "dense").
+    # The same, trained to say also where in the shape each patch is (toy_world.train_toy_encoder, objective "dense").
     "toy-vit-dense": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="dense"),
-    # The same network trained WITHOUT labels: masked-patch reconstruction (toy.train_toy_encoder, objective "mae").
+    # The same network trained WITHOUT labels: masked-patch reconstruction (toy_world.train_toy_encoder, objective "mae").
     "toy-vit-mae": dict(timm="vit_tiny_patch16_224", kwargs=_TOY, hub=False, toy="mae"),
     # No network: each patch's geometry read off the clean toy image (ToyOracle); the upper bound of a target that
     # knows the layout. Toy data only.
@@ -191,7 +191,7 @@ class ToyOracle(nn.Module):
                     dx, dy: offset of the patch centre from the region's centre in half-sizes (x right, y down)
         cls       = mean_n f^[n]  (REG's class token: a summary, since the oracle knows no class)
 
-    On the flat-background toy styles this equals the renderer's toy.toy_patch_geometry (up to the pixel grid)."""
+    On the flat-background toy styles this equals the renderer's toy_world.toy_patch_geometry (up to the pixel grid)."""
 
     embed_dim = 7
 
@@ -345,7 +345,7 @@ def build_encoder(name, grid_size, enc_path=None, random_init=False, seed=0, toy
         enc_path = toy_encoder_path(grid_size, cfg["toy"], toy_style)
         if not os.path.isfile(enc_path):
             raise MissingFileError(f"the toy target encoder is not trained yet ({enc_path}); train.py and "
-                                   f"evaluate.py make it on first use (toy.ensure_toy_encoder)")
+                                   f"evaluate.py make it on first use (toy_world.ensure_toy_encoder)")
     if not random_init and not enc_path and cfg.get("hub", True) and (offline := hub_unreachable()):
         hub_id = timm.models.get_pretrained_cfg(cfg["timm"]).hf_hub_id
         enc_path = cached_hub_file(hub_id, ("model.safetensors", "pytorch_model.bin")) if hub_id else None
@@ -408,12 +408,12 @@ def load_encoders(enc_type, device, resolution=256, grid_size=None, enc_path=Non
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The toy target encoder: a small ViT that toy.train_toy_encoder trains on CPU on the toy shapes (toy.toy_images);
+# The toy target encoder: a small ViT that toy_world.train_toy_encoder trains on CPU on the toy shapes (toy_world.toy_images);
 # only its cache file is named and read here
 # ------------------------------------------------------------------------------------------------------------------
 
 TOY_TRAIN = dict(steps=150, batch_size=128, lr=2e-3, weight_decay=0.05, num_images=24000, data_seed=1001, seed=0,
-                 style="centred")  # style: the toy set's default style (toy.TOY_STYLES); train.py --toy-style picks
+                 style="centred")  # style: the toy set's default style (toy_world.TOY_STYLES); train.py --toy-style picks
 # another, and each style gets its own encoder file (trained on that style)
 
 

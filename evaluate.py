@@ -44,7 +44,6 @@ import os
 import struct
 import sys
 import time
-import warnings
 import zipfile
 from datetime import timedelta
 
@@ -54,7 +53,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import encoders
-import toy
+import toy_experiment
+import toy_world
 from frechet import (_check_gaussian, _trace_sqrt_product_eigh, _trace_sqrt_product_scipy,  # noqa: F401
                      frechet_distance, gaussian_statistics)
 from inception import WEIGHTS_NAME, WEIGHTS_SHA256_PREFIX, load_inception
@@ -62,7 +62,7 @@ from losses import interpolant
 from model import build_model, load_checkpoint
 from plumbing import (ArgumentParser, Progress, UsageError, check_number, check_output_file, run_script, set_tf32,
                       setup_distributed, show_defaults, write_atomic)
-from toy import experiment_main as toy_experiment_main  # `evaluate.py toy-experiment`: now `toy.py experiment`
+from toy_experiment import experiment_main as toy_experiment_main  # `evaluate.py toy-experiment`: now `toy.py experiment`
 
 POOL_DIM, SPATIAL_DIM = 2048, 2023
 CACHE_VERSION = 1
@@ -575,10 +575,10 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     if not 0 <= t <= 1:
         raise UsageError(f"--t {t} must be in [0, 1] (0 = clean data, 1 = pure noise)")
     res = int(train_args["resolution"])
-    style = train_args.get("toy_style") or toy.TOY_STYLE  # runs before --toy-style existed: the default style
-    toy.ensure_toy_encoder(enc_type, model.grid_size, style=style)  # trained once, then cached
+    style = train_args.get("toy_style") or toy_world.TOY_STYLE  # runs before --toy-style existed: the default style
+    toy_world.ensure_toy_encoder(enc_type, model.grid_size, style=style)  # trained once, then cached
     enc = encoders.load_encoders(enc_type, "cpu", resolution=res, grid_size=model.grid_size, toy_style=style)[0]
-    images, labels, geometry = map(torch.from_numpy, toy.toy_images_with_geometry(
+    images, labels, geometry = map(torch.from_numpy, toy_world.toy_images_with_geometry(
         np.arange(num_samples), res, seed + 424242, style, res // model.grid_size))
     area = geometry[..., 2].mean(1, keepdim=True)  # [N, 1], the fraction of each image its shape covers
     g = torch.Generator().manual_seed(seed)
@@ -598,11 +598,11 @@ def alignment_analysis(model, train_args, t=0.5, num_samples=1200, topk=10, seed
     hidden, target = torch.cat(hidden, 1), torch.cat(target)
     n_train = num_samples * 2 // 3
     probe = linear_probe(hidden[:, :n_train], labels[:n_train], hidden[:, n_train:], labels[n_train:],
-                         num_classes=toy.TOY_NUM_CLASSES)
+                         num_classes=toy_world.TOY_NUM_CLASSES)
     enc_probe = linear_probe(target[:n_train], labels[:n_train], target[n_train:], labels[n_train:],
-                             num_classes=toy.TOY_NUM_CLASSES)
+                             num_classes=toy_world.TOY_NUM_CLASSES)
     align = [cknna(F.normalize(h, dim=-1), F.normalize(target, dim=-1), topk) for h in hidden]
-    area_r2 = [toy.ridge_r2(h[:n_train], area[:n_train], h[n_train:], area[n_train:])[0] for h in hidden]
+    area_r2 = [toy_experiment.ridge_r2(h[:n_train], area[:n_train], h[n_train:], area[n_train:])[0] for h in hidden]
     return {"probe": probe, "cknna": align, "area_r2": area_r2, "encoder_probe": enc_probe}
 
 
@@ -651,7 +651,7 @@ def alignment_main(argv=None):
     for key, label in (("probe", "probe"), ("cknna", "CKNNA")):
         series += [{"label": f"{name} {label}", "x": list(range(1, len(r[key]) + 1)), "y": r[key]}
                    for name, r in results.items()]
-    toy.plot_lines(a.plot, series, title=f"per-block linear probe and CKNNA at t = {a.t}", xlabel="SiT block",
+    toy_experiment.plot_lines(a.plot, series, title=f"per-block linear probe and CKNNA at t = {a.t}", xlabel="SiT block",
                ylabel="probe accuracy / CKNNA", ylim=(0, 1))
     print(f"wrote {a.plot}")
     if a.json:

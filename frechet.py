@@ -1,5 +1,5 @@
 """The Frechet distance between two Gaussians fitted to features (Heusel et al. 2017): the formula behind FID and
-sFID (evaluate.py, on Inception features) and behind the toy set's Frechet distance (toy.toy_fd, on hand-made
+sFID (evaluate.py, on Inception features) and behind the toy set's Frechet distance (toy_world.toy_fd, on hand-made
 shape features). numpy in, float out; float64 throughout.
 
     gaussian_statistics   mu = mean, sigma = unbiased covariance (as ADM's evaluator)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import encoders
 import sample
-import toy
+import toy_world
 from checkpoints import latest_checkpoint
 from plumbing import UsageError, fmt_duration, write_atomic
 
@@ -179,20 +179,20 @@ def save_samples(ema, monitor, step, args, ctx, exp_dir, log):
     images, labels = sample_grid(ema, noise, args, ctx, vae, path)
     msg = f"saved EMA samples {path}"
     if args.data_dir == "toy":
-        style = getattr(args, "toy_style", toy.TOY_STYLE)
-        fd = toy.toy_fd(images, args.resolution, style) if len(images) >= 2 else float("nan")
+        style = getattr(args, "toy_style", toy_world.TOY_STYLE)
+        fd = toy_world.toy_fd(images, args.resolution, style) if len(images) >= 2 else float("nan")
         if unconditional(args):  # no labels to be right about: the distance only
             log.metrics(step, {"toy_fd": fd})
             msg += f" | toy FD {fd:.3f} (unconditional)"
         else:
-            acc = toy.toy_accuracy(images, labels)
+            acc = toy_world.toy_accuracy(images, labels)
             log.metrics(step, {"toy_fd": fd, **{f"toy_{k}": v for k, v in acc.items()}})
             msg += (f" | toy FD {fd:.3f}, accuracy: joint {acc['joint']:.3f} (shape {acc['shape']:.3f}, colour "
                     f"{acc['colour']:.3f})")
         real_path = os.path.join(exp_dir, "samples", "real.png")
         if not os.path.exists(real_path):
-            real = toy.toy_class_examples(labels.cpu(), args.resolution, style=getattr(args, "toy_style",
-                                                                                        toy.TOY_STYLE))
+            real = toy_world.toy_class_examples(labels.cpu(), args.resolution, style=getattr(args, "toy_style",
+                                                                                        toy_world.TOY_STYLE))
             sample.save_grid(torch.from_numpy(real), real_path, nrow=int(math.ceil(math.sqrt(len(real)))))
     log.info(msg)
 

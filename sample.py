@@ -39,7 +39,7 @@ from losses import interpolant
 from model import SiT_models, build_model, describe_config, load_checkpoint, rename_legacy_blocks
 from plumbing import (ArgumentParser, MissingFileError, Progress, UsageError, barrier, check_number, check_output_file,
                       released_spelling, run_script, set_tf32, setup_distributed, show_defaults, write_atomic)
-from toy import toy_accuracy
+from toy_world import toy_accuracy
 
 # The null label of classifier-free guidance is row `num_classes` of the label table (1000 for ImageNet).
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the DiT / SiT sample.py defaults
@@ -456,7 +456,7 @@ def _log(rank, msg):
 
 
 def _toy_score(config, images, labels):
-    """Toy checkpoints (data 'toy'): print toy.toy_accuracy of the grid (joint = shape and colour both right)."""
+    """Toy checkpoints (data 'toy'): print toy_world.toy_accuracy of the grid (joint = shape and colour both right)."""
     if config.get("data_dir") == "toy":
         acc = toy_accuracy(images, torch.as_tensor(labels))
         print(f"toy accuracy: joint {acc['joint']:.3f} (shape {acc['shape']:.3f}, colour {acc['colour']:.3f})",

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 import data
 import encoders as encoders_module
-import toy
+import toy_world
 from checkpoints import load_resume, restore, seed_everything, seed_rank, save_training_state, set_optimizer_flags
 from encoders import VAE_SCALE
 from losses import compute_loss, repa_targets, spatial_normalize
@@ -399,7 +399,7 @@ def build_training(args, device, grid_size, bench, log):
         random_init = args.random_encoder or bench
         try:
             if not random_init and not args.enc_path:  # toy-vit: trained once, then cached (every rank makes
-                toy.ensure_toy_encoder(args.enc_type, grid_size, log=log.info,  # the same file, written
+                toy_world.ensure_toy_encoder(args.enc_type, grid_size, log=log.info,  # the same file, written
                                        style=args.toy_style)                    # atomically)
             encoders = encoders_module.load_encoders(args.enc_type, device, resolution=args.resolution,
                                                      grid_size=grid_size, enc_path=args.enc_path,
@@ -467,9 +467,9 @@ REG_BETA = 0.03
 METHOD_DEFAULTS = {"repa": dict(max_train_steps=400_000, checkpointing_steps=50_000),
                    "reg": dict(max_train_steps=1_000_000, checkpointing_steps=10_000)}
 
-# The smoke preset: a tiny SiT on the 16 px toy set (`sizes`: a centred shape per class at any size, toy.TOY_STYLES),
+# The smoke preset: a tiny SiT on the 16 px toy set (`sizes`: a centred shape per class at any size, toy_world.TOY_STYLES),
 # CPU, offline, about 3 minutes on 2 cores. The target encoder is `toy-vit`, a small ViT trained on the toy shapes by
-# toy.train_toy_encoder on first use (cached), so that alignment has features worth aligning to; REPA and REG align
+# toy_world.train_toy_encoder on first use (cached), so that alignment has features worth aligning to; REPA and REG align
 # to its patch tokens spatially normalized (iREPA's --target-norm spatial), which removes the class code they
 # share and leaves the layout that the label does not say (docs/toy.md). Tuned for speed,
 # not faithfulness (experiments/toy/pilots.md): a 512-wide projector (the recipe's 2048 would dominate the FLOPs
@@ -547,17 +547,17 @@ def build_parser():
     g.add_argument("--data-dir", default=None, help="ImageNet folder preprocessed by data.py, or 'toy'")
     g.add_argument("--data-path", action=RefusedFlag, help="use --data-dir (the flag the released train.py reads)")
     g.add_argument("--resolution", type=int, default=None,
-                   help=f"image size in pixels (default: 256; {toy.TOY_RESOLUTION} for --data-dir toy, which warns above "
-                        f"{toy.MAX_TOY_RESOLUTION})")
+                   help=f"image size in pixels (default: 256; {toy_world.TOY_RESOLUTION} for --data-dir toy, which warns above "
+                        f"{toy_world.MAX_TOY_RESOLUTION})")
     g.add_argument("--batch-size", type=int, default=256,
                    help="global batch of one optimizer step over all ranks (with --gradient-accumulation-steps K: "
                         "of one accumulation step, as in the released train.py, so the step sees K x this)")
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="largest per-device forward batch; sets --grad-accum automatically")
     g.add_argument("--toy-samples", type=int, default=10000, help="size of the toy dataset (--data-dir toy)")
-    g.add_argument("--toy-style", default=toy.TOY_STYLE, choices=list(toy.TOY_STYLES),
+    g.add_argument("--toy-style", default=toy_world.TOY_STYLE, choices=list(toy_world.TOY_STYLES),
                    help="how the toy images are drawn (--data-dir toy): 'centred' one size and place per class, "
-                        "'sizes' centred at any size, 'varied' any size and place (toy.TOY_STYLES)")
+                        "'sizes' centred at any size, 'varied' any size and place (toy_world.TOY_STYLES)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="data loading processes per rank (default: 4, at most the CPUs this process may use)")
     g.add_argument("--vae", default="ema", help="VAE that decodes the sample grids: ema | mse | hub id | path")
@@ -629,7 +629,7 @@ def parse_args(argv=None):
         parser.set_defaults(**{**SMOKE, **SMOKE_METHODS[method], "exp_name": f"smoke-{method}"})
     args = parser.parse_args(argv)
     if args.resolution is None:  # the toy set renders at any size; its own default keeps a CPU step fast
-        args.resolution = toy.TOY_RESOLUTION if args.data_dir == "toy" else 256
+        args.resolution = toy_world.TOY_RESOLUTION if args.data_dir == "toy" else 256
     if args.cls is not None:
         args.reg = True
     args.cls = REG_BETA if args.cls is None else args.cls
@@ -653,10 +653,10 @@ def check_args(args, world_size):
         raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(SiT_models)}")
     check_released_flags(args)
     check_numbers(args)
-    if args.data_dir == "toy" and args.resolution > toy.MAX_TOY_RESOLUTION:
+    if args.data_dir == "toy" and args.resolution > toy_world.MAX_TOY_RESOLUTION:
         print(f"train.py: warning: --resolution {args.resolution} with --data-dir toy: the toy set is trained in pixel "
               f"space, so a step costs (resolution / patch)^2 tokens and takes minutes on a CPU above "
-              f"{toy.MAX_TOY_RESOLUTION} px; its default is {toy.TOY_RESOLUTION}", file=sys.stderr, flush=True)
+              f"{toy_world.MAX_TOY_RESOLUTION} px; its default is {toy_world.TOY_RESOLUTION}", file=sys.stderr, flush=True)
     if args.num_workers is None:
         args.num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if args.reg and args.enc_type == "none":

@@ -17,7 +17,7 @@ import data
 import plumbing
 from data import ImageLatentDataset, ShardSampler, build_dataset, center_crop_arr, preprocess
 from plumbing import UsageError
-from toy import ToyDataset, TOY_NUM_CLASSES, toy_images, toy_quality
+from toy_world import ToyDataset, TOY_NUM_CLASSES, toy_images, toy_quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,8 @@ import data
 import evaluate
 import plumbing
 import sample
-import toy
+import toy_experiment
+import toy_world
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,14 +67,14 @@ def parse_only(monkeypatch, script, argv):
         raise Parsed(real(self, args, namespace))
     monkeypatch.setattr(plumbing.ArgumentParser, "parse_known_args", stop)
     try:
-        {"evaluate.py": evaluate.main, "toy.py": toy.main, "data.py": data.main}[script](argv)
+        {"evaluate.py": evaluate.main, "toy.py": toy_experiment.main, "data.py": data.main}[script](argv)
     except Parsed as p:
         ns, extra = p.args[0]
     else:
         pytest.fail(f"{script} {argv} did not parse its flags")
     monkeypatch.undo()
     if script == "toy.py" and argv[0] == "experiment":  # the other flags go to train.py (with the preset)
-        train.parse_args([*toy.METHOD_FLAGS["reg"], *extra])
+        train.parse_args([*toy_experiment.METHOD_FLAGS["reg"], *extra])
     elif extra:
         pytest.fail(f"{script}: unrecognized {extra}")
     return ns
@@ -87,7 +88,7 @@ def test_the_docs_print_commands_of_every_script():
 def test_each_printed_command_parses_as_printed(monkeypatch, capsys, doc, line, script, argv):
     if "--help" in argv or "-h" in argv:  # cheap: run it, all the way
         with pytest.raises(SystemExit) as e:
-            code = {"toy.py": toy.main, "evaluate.py": evaluate.cli, "sample.py": sample.cli, "train.py": train.main,
+            code = {"toy.py": toy_experiment.main, "evaluate.py": evaluate.cli, "sample.py": sample.cli, "train.py": train.main,
                     "data.py": data.main}[script](argv)
             raise SystemExit(code)
         assert e.value.code in (0, None) and "usage:" in capsys.readouterr().out
@@ -104,7 +105,7 @@ def test_toy_py_with_no_command_or_help_prints_the_commands_and_exits_0(argv):
                        timeout=120, cwd=ROOT) if argv == ["--help"] else None
     if r is not None:  # once as a real command line
         assert r.returncode == 0 and r.stderr == "" and "python toy.py experiment" in r.stdout
-    assert toy.main(argv) == 0
+    assert toy_experiment.main(argv) == 0
 
 
 def test_the_shorter_experiment_of_the_docs_runs_in_a_fresh_clone_into_its_own_folder(monkeypatch, tmp_path):
@@ -113,14 +114,14 @@ def test_the_shorter_experiment_of_the_docs_runs_in_a_fresh_clone_into_its_own_f
     line = next(argv for _, _, s, argv in COMMANDS if s == "toy.py" and "--max-train-steps" in argv)
     planned = []
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(toy, "prepare_toy_encoders", lambda runs: None)
+    monkeypatch.setattr(toy_experiment, "prepare_toy_encoders", lambda runs: None)
 
     def stop(todo, jobs):
         planned.extend(todo)
         raise Parsed
-    monkeypatch.setattr(toy, "run_trainings", stop)
+    monkeypatch.setattr(toy_experiment, "run_trainings", stop)
     with pytest.raises(Parsed):
-        toy.experiment_main(line[1:])
+        toy_experiment.experiment_main(line[1:])
     out = os.path.join("experiments", "toy", "sizes-spatial-max-train-steps-200")
     assert [name for name, _, _ in planned] == ["sit-seed0", "repa-seed0", "reg-seed0"]
     for name, flags, done in planned:
@@ -138,7 +139,7 @@ def test_a_finished_run_of_another_configuration_names_the_value_it_really_used(
     (run / "done.json").write_text(json.dumps({"flags": flags}))
     (run / "args.json").write_text(json.dumps({"max_train_steps": 400, "seed": 0}))
     with pytest.raises(plumbing.UsageError) as e:
-        toy.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(tmp_path),
+        toy_experiment.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(tmp_path),
                              "--max-train-steps", "200"])
     assert "(--max-train-steps: not given (finished run; default: 400) vs '200' (now))" in str(e.value)
     assert "None" not in str(e.value)
@@ -153,22 +154,22 @@ def test_parallel_runs_train_the_toy_encoder_once_before_they_start_and_prefix_t
         trained.append((grid_size, objective, style))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "wb").close()
-    monkeypatch.setattr(toy, "train_toy_encoder", fake_train)
+    monkeypatch.setattr(toy_world, "train_toy_encoder", fake_train)
     # each "training" prints two lines and says whether the encoder was cached when it started
     script = tmp_path / "fake_train.py"
     script.write_text("import os, sys\na = sys.argv\nprint('first line of', a[-1])\n"
                       "os.makedirs(os.path.join(a[a.index('--output-dir') + 1], a[a.index('--exp-name') + 1]))\n"
-                      f"print('cached:', os.path.isfile({str(toy.encoders.toy_encoder_path(4, 'class', 'sizes'))!r}))\n")
-    monkeypatch.setattr(toy, "TRAIN_PY", str(script))
-    real_start = toy.start_training
+                      f"print('cached:', os.path.isfile({str(toy_world.encoders.toy_encoder_path(4, 'class', 'sizes'))!r}))\n")
+    monkeypatch.setattr(toy_experiment, "TRAIN_PY", str(script))
+    real_start = toy_experiment.start_training
 
     def start(flags, env=None, name=None):
         started.append(len(trained))
         return real_start(flags + [name], env, name)
-    monkeypatch.setattr(toy, "start_training", start)
-    monkeypatch.setattr(toy, "read_curve", lambda exp_dir, key: [(100, 0.5)])
-    monkeypatch.setattr(toy, "summarize", lambda *a, **k: "")
-    toy.experiment_main(["--methods", "sit", "repa", "reg", "--seeds", "0", "--jobs", "2", "--output-dir",
+    monkeypatch.setattr(toy_experiment, "start_training", start)
+    monkeypatch.setattr(toy_experiment, "read_curve", lambda exp_dir, key: [(100, 0.5)])
+    monkeypatch.setattr(toy_experiment, "summarize", lambda *a, **k: "")
+    toy_experiment.experiment_main(["--methods", "sit", "repa", "reg", "--seeds", "0", "--jobs", "2", "--output-dir",
                          str(tmp_path / "out")])
     assert trained == [(4, "class", "sizes")] and started == [1, 1, 1]  # once, before the first run started
     out = capfd.readouterr().out

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import evaluate
-import toy
+import toy_experiment
 import train
 from plumbing import UsageError
 
@@ -97,12 +97,12 @@ def test_linear_probe_separable_is_perfect_random_labels_at_chance():
 
 def test_plot_lines_writes_a_png(tmp_path):
     path = tmp_path / "p.png"
-    toy.plot_lines(str(path), [{"label": "a", "x": [0, 100, 200], "y": [0.1, 0.5, 0.9], "lo": [0, 0.4, 0.8],
+    toy_experiment.plot_lines(str(path), [{"label": "a", "x": [0, 100, 200], "y": [0.1, 0.5, 0.9], "lo": [0, 0.4, 0.8],
                                      "hi": [0.2, 0.6, 1.0]}, {"label": "b", "x": [0, 100, 200], "y": [0.2, 0.2, 0.3]}],
                         title="t", xlabel="step", ylabel="acc", ylim=(0, 1), size=(400, 300))
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape == (300, 400, 3)
-    assert (np.abs(img.astype(int) - toy.COLOURS[0]).sum(-1) == 0).sum() > 50  # the first line is drawn
+    assert (np.abs(img.astype(int) - toy_experiment.COLOURS[0]).sum(-1) == 0).sum() > 50  # the first line is drawn
 
 
 def _toy_checkpoint(tmp_path, *flags):
@@ -157,7 +157,7 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     flags = ["--seeds", "0", "1", "--output-dir", str(out), "--jobs", "2", "--eval-every", "2", "--model", "SiT-T/8",
              "--enc-type", "tiny-vit", "--projector-dim", "32", "--toy-samples", "16", "--batch-size", "8",
              "--max-train-steps", "4", "--num-sample-images", "4", "--sample-steps", "2"]
-    text = toy.experiment_main(flags)
+    text = toy_experiment.experiment_main(flags)
     assert sorted(os.listdir(out)) == sorted(["curves.json", "fd.png", "joint_accuracy.png", "samples.png", "table.md"] +
                                              [f"{m}-seed{s}" for m in ("sit", "repa", "reg") for s in (0, 1)])
     curves = json.load(open(out / "curves.json"))
@@ -172,13 +172,13 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     fig = np.asarray(Image.open(out / "samples.png"))  # 3 methods x 2 steps of grid rows, 3x enlarged
     assert fig.shape[0] > 3 * 3 * (16 + 4) and fig.shape[1] > 2 * 3 * 2 * 18
     # finished runs are reused: a second call trains nothing
-    monkeypatch.setattr(toy, "start_training", lambda *a, **k: pytest.fail("retrained a finished run"))
-    assert toy.experiment_main(flags) == text
+    monkeypatch.setattr(toy_experiment, "start_training", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert toy_experiment.experiment_main(flags) == text
     other = [("8" if f == "4" else f) for f in flags]  # --max-train-steps 8: another configuration
     with pytest.raises(UsageError, match=r"finished run of another configuration \(--max-train-steps: '4'"):
-        toy.experiment_main(other)
+        toy_experiment.experiment_main(other)
     with pytest.raises(SystemExit):
-        toy.experiment_main(["--methods", "dit"])
+        toy_experiment.experiment_main(["--methods", "dit"])
     assert "--methods" in capsys.readouterr().err
 
 
@@ -192,11 +192,11 @@ def test_parallel_trainings_keep_finished_runs_and_stop_on_a_failure(tmp_path, m
     def fake(flags, env=None, name=None):  # exits with the status given as the first flag, after a while
         threads.append(env["OMP_NUM_THREADS"])
         return subprocess.Popen([sys.executable, "-c", f"import time, sys; time.sleep({flags[1]}); sys.exit({flags[0]})"])
-    monkeypatch.setattr(toy, "start_training", fake)
+    monkeypatch.setattr(toy_experiment, "start_training", fake)
     runs = [(n, [rc, wait], str(tmp_path / f"{n}.json")) for n, rc, wait in (("bad", "3", "0"), ("slow", "0", "1"),
                                                                              ("later", "0", "0"))]
     with pytest.raises(UsageError, match=r"`python train.py 3 0` exited with status 3"):
-        toy.run_trainings(runs, jobs=2)
+        toy_experiment.run_trainings(runs, jobs=2)
     assert sorted(os.listdir(tmp_path)) == ["slow.json"] and len(threads) == 2
     assert threads[0] == str(max(1, (os.cpu_count() or 2) // 2))
 
@@ -217,14 +217,14 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "toy_fd": f, "toy_joint": a}) + "\n"
                                                    for s, a, f in zip((100, 200), acc, fd)))
         Image.new("RGB", (146, 146)).save(run / "samples" / "0000200.png")
-    monkeypatch.setattr(toy, "start_training", lambda *a, **k: pytest.fail("retrained a committed run"))
-    text = toy.experiment_main(["--methods", "sit", "reg", "--seeds", "0", "--output-dir", str(out)])
+    monkeypatch.setattr(toy_experiment, "start_training", lambda *a, **k: pytest.fail("retrained a committed run"))
+    text = toy_experiment.experiment_main(["--methods", "sit", "reg", "--seeds", "0", "--output-dir", str(out)])
     assert "| REG | 100 | 100 | 2.00x | yes |" in text  # FD: SiT's final 1.0, reached by REG at step 100
     assert "| REG | 200 | 200 | 1.00x | no |" in text  # accuracy: SiT's final 0.6, reached at step 200
     assert (out / "samples.png").is_file()
     for method in ("sit", "reg"):  # the runs' own grids are read, never written
         assert Image.open(out / f"{method}-seed0" / "samples" / "0000200.png").size == (146, 146)
-    toy.experiment_main(["--methods", "reg", "--seeds", "0", "--output-dir", str(out), "--tag", "one"])
+    toy_experiment.experiment_main(["--methods", "reg", "--seeds", "0", "--output-dir", str(out), "--tag", "one"])
     assert (out / "table-one.md").is_file() and (out / "samples-one.png").is_file()
     assert "| SiT |" in (out / "table.md").read_text() and "| SiT |" not in (out / "table-one.md").read_text()
     with pytest.raises(UsageError, match=r"another configuration \(--seed: '0' \(finished run\) vs '1'"):
@@ -232,7 +232,7 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
         old = flags("sit", 0, "sit-seed1")  # a run of seed 0 under seed 1's name
         old[old.index("--output-dir") + 1] = "elsewhere"  # where it was run from is no setting
         (out / "sit-seed1" / "done.json").write_text(json.dumps({"flags": old}))
-        toy.experiment_main(["--methods", "sit", "--seeds", "1", "--output-dir", str(out)])
+        toy_experiment.experiment_main(["--methods", "sit", "--seeds", "1", "--output-dir", str(out)])
     with pytest.raises(UsageError, match=r"another configuration \(--toy-style: 'sizes' \(finished run\) vs 'centred'"):
-        toy.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(out), "--toy-style", "centred"])
-    assert toy.method_label("reg-dense") == "REG (dense)"  # the encoder comparison's rows
+        toy_experiment.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(out), "--toy-style", "centred"])
+    assert toy_experiment.method_label("reg-dense") == "REG (dense)"  # the encoder comparison's rows

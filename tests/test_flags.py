@@ -9,7 +9,7 @@ import torch
 import evaluate
 import plumbing
 import sample
-import toy
+import toy_experiment
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,9 +154,9 @@ def test_evaluate_refuses_each_bad_flag_in_one_line(tmp_path, capsys, monkeypatc
     (["fly"], "unknown command 'fly'"),
 ])
 def test_toy_refuses_each_bad_flag_in_one_line(tmp_path, capsys, monkeypatch, argv, expected):
-    monkeypatch.setattr(toy, "run_trainings", lambda *a, **k: pytest.fail("trained with a bad flag"))
+    monkeypatch.setattr(toy_experiment, "run_trainings", lambda *a, **k: pytest.fail("trained with a bad flag"))
     monkeypatch.chdir(tmp_path)
-    err = one_line(capsys, "toy.py", lambda a: plumbing.run_script("toy.py", toy.main, a), *argv)
+    err = one_line(capsys, "toy.py", lambda a: plumbing.run_script("toy.py", toy_experiment.main, a), *argv)
     assert expected in err
     assert os.listdir(tmp_path) == []
 

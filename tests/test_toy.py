@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import encoders as E
-import toy
+import toy_experiment
+import toy_world
 import train
-from toy import TOY_COLORS, TOY_NUM_CLASSES, toy_accuracy, toy_class_examples, toy_images
+from toy_world import TOY_COLORS, TOY_NUM_CLASSES, toy_accuracy, toy_class_examples, toy_images
 
 
 # --- metric ---------------------------------------------------------------------------------------------------------
@@ -54,11 +55,11 @@ def test_toy_encoder_trained_once_cached_and_read_by_the_normal_path(tmp_path, m
     monkeypatch.setitem(E.TOY_TRAIN, "batch_size", 8)
     monkeypatch.setitem(E.TOY_TRAIN, "num_images", 48)
     calls = []
-    real_train = toy.train_toy_encoder
-    monkeypatch.setattr(toy, "train_toy_encoder", lambda *a, **k: calls.append(a) or real_train(*a, log=lambda m: None))
+    real_train = toy_world.train_toy_encoder
+    monkeypatch.setattr(toy_world, "train_toy_encoder", lambda *a, **k: calls.append(a) or real_train(*a, log=lambda m: None))
 
     def load():  # what train.py and evaluate.py do: make it if missing, then the normal loading path
-        toy.ensure_toy_encoder("toy-vit", 4)
+        toy_world.ensure_toy_encoder("toy-vit", 4)
         return E.load_encoders("toy-vit", "cpu", resolution=16, grid_size=4)[0]
 
     path = E.toy_encoder_path(4)
@@ -85,7 +86,7 @@ def test_toy_encoder_trained_once_cached_and_read_by_the_normal_path(tmp_path, m
 @pytest.mark.parametrize("style", ["sizes", "varied"])
 def test_patch_geometry_is_what_each_patch_of_the_image_shows(style):
     imgs, _ = toy_images(np.arange(24), 16, seed=5, style=style)
-    geo = toy.toy_patch_geometry(np.arange(24), 16, seed=5, style=style, patch=4)  # [N, 16, 3] row-major tokens
+    geo = toy_world.toy_patch_geometry(np.arange(24), 16, seed=5, style=style, patch=4)  # [N, 16, 3] row-major tokens
     x = imgs.astype(np.float32) / 255
     chroma = x.max(1) - x.min(1)  # the grey background has none; the shapes' colours have > 0.6
     seen = (chroma / 0.6).clip(0, 1).reshape(24, 4, 4, 4, 4).mean(axis=(2, 4)).reshape(24, 16)
@@ -111,12 +112,12 @@ class _FakeEncoder:
 
 def test_encoder_layout_tells_geometry_tokens_from_label_tokens():
     n = 240
-    geo = torch.from_numpy(toy.toy_patch_geometry(np.arange(n), 16, 777, "sizes", 4))
+    geo = torch.from_numpy(toy_world.toy_patch_geometry(np.arange(n), 16, 777, "sizes", 4))
     labels = torch.arange(n) % TOY_NUM_CLASSES
     label_tokens = torch.cat([torch.nn.functional.one_hot(labels, TOY_NUM_CLASSES)[:, None].expand(n, 16, -1),
                               torch.eye(16)[None].expand(n, 16, 16)], -1).float()  # class + position only
-    knows = toy.encoder_layout(_FakeEncoder(lambda m: torch.cat([label_tokens[:m], geo[:m]], -1)), 16, "sizes", n)
-    label = toy.encoder_layout(_FakeEncoder(lambda m: label_tokens[:m]), 16, "sizes", n)
+    knows = toy_experiment.encoder_layout(_FakeEncoder(lambda m: torch.cat([label_tokens[:m], geo[:m]], -1)), 16, "sizes", n)
+    label = toy_experiment.encoder_layout(_FakeEncoder(lambda m: label_tokens[:m]), 16, "sizes", n)
     assert knows["coverage_r2"] > 0.99 and knows["offset_r2"] > 0.99  # geometry in the tokens: read back
     assert abs(label["within_class_cosine"] - 1) < 1e-5 and knows["within_class_cosine"] < 1 - 1e-3
     assert label["between_class_cosine"] < 0.6
@@ -129,17 +130,17 @@ def test_dense_toy_encoder_is_its_own_cached_file_and_learns_geometry(tmp_path, 
     monkeypatch.setenv("REPA_REG_CACHE", str(tmp_path))
     for k, v in {"steps": 3, "batch_size": 8, "num_images": 48}.items():
         monkeypatch.setitem(E.TOY_TRAIN, k, v)
-    toy.ensure_toy_encoder("toy-vit-dense", 2)
+    toy_world.ensure_toy_encoder("toy-vit-dense", 2)
     assert os.path.isfile(E.toy_encoder_path(2, "dense")) and not os.path.exists(E.toy_encoder_path(2, "class"))
     dense = E.load_encoders("toy-vit-dense", "cpu", resolution=8, grid_size=2)[0]
-    toy.ensure_toy_encoder("toy-vit", 2)
+    toy_world.ensure_toy_encoder("toy-vit", 2)
     plain = E.load_encoders("toy-vit", "cpu", resolution=8, grid_size=2)[0]
     moved = [k for k, v in dense.vit.state_dict().items() if not torch.equal(v, plain.vit.state_dict()[k])]
     assert "blocks.3.mlp.fc2.weight" in moved  # same seed and batches: only the geometry term differs
-    with pytest.raises(toy.UsageError, match="objective 'jepa'"):
-        toy.train_toy_encoder(2, objective="jepa")
-    with pytest.raises(toy.UsageError, match="--enc-type tiny-vit"):
-        toy.encoders_main(["--enc-type", "tiny-vit"])
+    with pytest.raises(toy_world.UsageError, match="objective 'jepa'"):
+        toy_world.train_toy_encoder(2, objective="jepa")
+    with pytest.raises(toy_world.UsageError, match="--enc-type tiny-vit"):
+        toy_experiment.encoders_main(["--enc-type", "tiny-vit"])
 
 
 # --- smoke preset -----------------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_smoke_run_trains_the_toy_encoder_on_first_use(tmp_path, monkeypatch, si
 
 def test_the_toy_set_renders_at_its_own_resolution_unless_told_and_warns_of_a_slow_one(capsys):
     args = train.parse_args(["--data-dir", "toy"])
-    assert train.check_args(args, 1).resolution == toy.TOY_RESOLUTION == 32  # not ImageNet's 256
+    assert train.check_args(args, 1).resolution == toy_world.TOY_RESOLUTION == 32  # not ImageNet's 256
     assert train.check_args(train.parse_args(["--data-dir", "toy", "--resolution", "48"]), 1).resolution == 48
     assert train.check_args(train.parse_args(["--data-dir", "data/imagenet256"]), 1).resolution == 256
     assert capsys.readouterr().err == ""

@@ -4,7 +4,7 @@ and the papers' form (step to reach a level, speed-up over SiT, a lower bound wh
 Hand-computed on curves where mean != median and SiT's last evaluation is below its best."""
 import json
 
-import toy
+import toy_experiment
 
 # (step, joint accuracy) per (method, seed): SiT seed 0 peaks at step 200 (0.6) and ends at 0.5.
 CURVES = {("sit", 0): [(100, 0.2), (200, 0.6), (300, 0.5)],
@@ -21,7 +21,7 @@ def _rows(text):
 
 
 def test_accuracy_rows_are_seed_means_with_half_spreads_and_steps_to_sits_last_evaluation():
-    text = toy.measure_tables(CURVES, ["sit", "repa"], [0, 1, 2], "joint accuracy", True)
+    text = toy_experiment.measure_tables(CURVES, ["sit", "repa"], [0, 1, 2], "joint accuracy", True)
     rows = _rows(text)
     assert rows[0] == "| method | 100 | 200 | 300 |"
     # SiT, step 100: (0.2 + 0.1 + 0.6) / 3 = 0.3, (0.6 - 0.1) / 2 = 0.25; step 200: 1.4 / 3, (0.6 - 0.3) / 2.
@@ -39,7 +39,7 @@ def test_accuracy_rows_are_seed_means_with_half_spreads_and_steps_to_sits_last_e
 def test_fd_rows_count_lower_as_better():
     fd = {("sit", 0): [(100, 5.0), (200, 2.0), (300, 1.0)], ("sit", 1): [(100, 6.0), (200, 3.0), (300, 2.0)],
           ("repa", 0): [(100, 1.2), (200, 0.8), (300, 0.6)], ("repa", 1): [(100, 2.0), (200, 1.4), (300, 1.1)]}
-    text = toy.measure_tables(fd, ["sit", "repa"], [0, 1], "toy FD", False)
+    text = toy_experiment.measure_tables(fd, ["sit", "repa"], [0, 1], "toy FD", False)
     rows = _rows(text)
     assert rows[1] == "| SiT | 5.500 ± 0.500 | 2.500 ± 0.500 | 1.500 ± 0.500 |"
     assert rows[2] == "| REPA | 1.600 ± 0.400 | 1.100 ± 0.300 | 0.850 ± 0.250 |"
@@ -51,7 +51,7 @@ def test_fd_rows_count_lower_as_better():
 
 def test_summary_writes_both_measures_the_curves_and_the_pictures(tmp_path):
     curves = {k: {"toy_joint": v, "toy_fd": [(s, 1 - a) for s, a in v]} for k, v in CURVES.items()}
-    text = toy.summarize(curves, ["sit", "repa"], [0, 1, 2], str(tmp_path))
+    text = toy_experiment.summarize(curves, ["sit", "repa"], [0, 1, 2], str(tmp_path))
     assert text.index("**toy FD**") < text.index("**joint accuracy**")  # the headline first
     assert (tmp_path / "table.md").read_text() == text
     assert json.loads((tmp_path / "curves.json").read_text())["sit-seed0"]["toy_joint"] == [[100, 0.2], [200, 0.6],
@@ -63,5 +63,5 @@ def test_a_curve_is_the_runs_logged_joint_accuracy_at_each_evaluation(tmp_path):
     lines = [{"step": 50, "loss": 1.0}, {"step": 100, "toy_colour": 0.9, "toy_shape": 0.5, "toy_joint": 0.45},
              {"step": 100, "loss": 0.8}, {"step": 200, "toy_joint": 0.7}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
-    assert toy.read_curve(str(tmp_path)) == [(100, 0.45), (200, 0.7)]
-    assert toy.read_curve(str(tmp_path), "toy_shape") == [(100, 0.5)]
+    assert toy_experiment.read_curve(str(tmp_path)) == [(100, 0.45), (200, 0.7)]
+    assert toy_experiment.read_curve(str(tmp_path), "toy_shape") == [(100, 0.5)]

@@ -11,7 +11,7 @@ import torch
 import encoders as E
 import losses
 import model as M
-import toy
+import toy_world
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,18 +31,18 @@ def _fd_by_hand(a, b):
 
 
 def test_toy_fd_is_the_frechet_formula_on_the_hand_made_features():
-    gen, _ = toy.toy_images(np.arange(300), 16, seed=5, style="centred")  # the wrong sizes for the `sizes` set
-    real, _ = toy.toy_images(np.arange(toy.FD_REAL_IMAGES), 16, seed=toy.FD_REAL_SEED, style="sizes")
-    fa = toy.toy_fd_features(torch.from_numpy(gen)).numpy()
-    fb = toy.toy_fd_features(torch.from_numpy(real)).numpy()
+    gen, _ = toy_world.toy_images(np.arange(300), 16, seed=5, style="centred")  # the wrong sizes for the `sizes` set
+    real, _ = toy_world.toy_images(np.arange(toy_world.FD_REAL_IMAGES), 16, seed=toy_world.FD_REAL_SEED, style="sizes")
+    fa = toy_world.toy_fd_features(torch.from_numpy(gen)).numpy()
+    fb = toy_world.toy_fd_features(torch.from_numpy(real)).numpy()
     assert fa.shape == (300, 3 + 64 + 5)
-    assert toy.toy_fd(gen, 16, "sizes") == pytest.approx(_fd_by_hand(fa, fb), rel=1e-6, abs=1e-9)
+    assert toy_world.toy_fd(gen, 16, "sizes") == pytest.approx(_fd_by_hand(fa, fb), rel=1e-6, abs=1e-9)
 
 
 def test_toy_fd_features_geometry_of_a_rectangle_by_hand():
     img = torch.full((1, 3, 16, 16), 51, dtype=torch.uint8)  # flat grey (0.2), as the toy sets
     img[0, :, 2:6, 3:9] = torch.tensor([219, 36, 31], dtype=torch.uint8)[:, None, None]  # a red 4 x 6 rectangle
-    geo = toy.toy_fd_features(img)[0, -5:] / toy.FD_BLOCK_WEIGHTS[2]
+    geo = toy_world.toy_fd_features(img)[0, -5:] / toy_world.FD_BLOCK_WEIGHTS[2]
     # The descriptor smooths with a 3x3 mean, then mask = clamp((chroma - 0.1) / 0.3, 0, 1), chroma c = 188 / 255
     # inside. Pixels by the share of their 3x3 window inside: inner edges 6/9 (mask 1), inner corners 4/9, outer
     # edges 3/9 (12 pixels), the outer pixels next to a corner 2/9 (8), outer corners 1/9 (mask 0).
@@ -55,12 +55,12 @@ def test_toy_fd_features_geometry_of_a_rectangle_by_hand():
 
 
 def test_toy_fd_sees_size_and_diversity_not_only_correctness():
-    real, _ = toy.toy_images(np.arange(256), 16, seed=9, style="sizes")
-    one_size, _ = toy.toy_images(np.arange(256), 16, seed=9, style="centred")  # right classes, one size
-    one_class, _ = toy.toy_images(np.arange(256) * toy.TOY_NUM_CLASSES, 16, seed=9, style="sizes")
-    fd = {k: toy.toy_fd(v, 16, "sizes") for k, v in [("real", real), ("size", one_size), ("class", one_class)]}
+    real, _ = toy_world.toy_images(np.arange(256), 16, seed=9, style="sizes")
+    one_size, _ = toy_world.toy_images(np.arange(256), 16, seed=9, style="centred")  # right classes, one size
+    one_class, _ = toy_world.toy_images(np.arange(256) * toy_world.TOY_NUM_CLASSES, 16, seed=9, style="sizes")
+    fd = {k: toy_world.toy_fd(v, 16, "sizes") for k, v in [("real", real), ("size", one_size), ("class", one_class)]}
     assert fd["real"] < 0.05 < 10 * fd["real"] < fd["size"] < fd["class"]
-    assert toy.toy_accuracy(one_size, np.arange(256) % 12)["joint"] == 1.0  # which the accuracy cannot see
+    assert toy_world.toy_accuracy(one_size, np.arange(256) % 12)["joint"] == 1.0  # which the accuracy cannot see
 
 
 # --- iREPA: spatial normalization and the convolutional projector ---------------------------------------------------
@@ -136,11 +136,11 @@ def test_conv_projector_checkpoint_is_rebuilt_and_the_recipe_stays_the_mlp():
 # --- the target designs ---------------------------------------------------------------------------------------------
 
 def test_toy_oracle_is_the_renderers_patch_geometry():
-    imgs, labels, geo = toy.toy_images_with_geometry(np.arange(24), 16, seed=3, style="sizes", patch=4)
+    imgs, labels, geo = toy_world.toy_images_with_geometry(np.arange(24), 16, seed=3, style="sizes", patch=4)
     enc = E.load_encoders("toy-oracle", "cpu", resolution=16, grid_size=4)[0]
     cls, patches = enc(torch.from_numpy(imgs))
     assert patches.shape == (24, 16, 7) and enc.embed_dim == 7
-    squares = labels // len(toy.TOY_COLORS) == 0  # a square's area is exactly (2 half)^2, so its offsets are exact
+    squares = labels // len(toy_world.TOY_COLORS) == 0  # a square's area is exactly (2 half)^2, so its offsets are exact
     np.testing.assert_allclose(patches[squares][..., :2].numpy(), geo[squares][..., :2], atol=0.05)
     np.testing.assert_allclose(patches[..., 2].numpy(), geo[..., 2], atol=0.005)  # coverage, every shape
     torch.testing.assert_close(cls, patches.mean(1))
@@ -153,8 +153,8 @@ def test_label_free_toy_encoder_made_on_first_use_cached_and_loaded(tmp_path, mo
     monkeypatch.setitem(E.TOY_TRAIN, "num_images", 48)
     seen = []
     real_ce = torch.nn.functional.cross_entropy
-    monkeypatch.setattr(toy.F, "cross_entropy", lambda *a, **k: seen.append(1) or real_ce(*a, **k))
-    toy.ensure_toy_encoder("toy-vit-mae", grid_size=4, log=lambda m: None, style="sizes")
+    monkeypatch.setattr(toy_world.F, "cross_entropy", lambda *a, **k: seen.append(1) or real_ce(*a, **k))
+    toy_world.ensure_toy_encoder("toy-vit-mae", grid_size=4, log=lambda m: None, style="sizes")
     assert not seen  # no label was used
     path = E.toy_encoder_path(4, "mae", "sizes")
     from safetensors import safe_open
@@ -162,10 +162,10 @@ def test_label_free_toy_encoder_made_on_first_use_cached_and_loaded(tmp_path, mo
         meta = f.metadata()
     assert meta["objective"] == "mae" and "held_out_mse" in meta
     mtime = os.path.getmtime(path)
-    toy.ensure_toy_encoder("toy-vit-mae", grid_size=4, log=lambda m: None, style="sizes")
+    toy_world.ensure_toy_encoder("toy-vit-mae", grid_size=4, log=lambda m: None, style="sizes")
     assert os.path.getmtime(path) == mtime  # cached: not trained again
     enc = E.load_encoders("toy-vit-mae", "cpu", resolution=16, grid_size=4, toy_style="sizes")[0]
-    imgs, _ = toy.toy_images(np.arange(2), 16, style="sizes")
+    imgs, _ = toy_world.toy_images(np.arange(2), 16, style="sizes")
     cls, patches = enc(torch.from_numpy(imgs))
     assert patches.shape == (2, 16, E.TOY_DIM) and torch.isfinite(patches).all()
 
@@ -182,7 +182,7 @@ def test_masked_patch_loss_by_hand():
                                                          .reshape(2, 4, 48))
         head = torch.nn.Linear(48, 48)
         torch.nn.init.eye_(head.weight), torch.nn.init.zeros_(head.bias)
-        loss = toy.masked_patch_loss(Identity(), head, x, 4, 2, torch.Generator().manual_seed(1))
+        loss = toy_world.masked_patch_loss(Identity(), head, x, 4, 2, torch.Generator().manual_seed(1))
     finally:
         E.vit_tokens = vit_tokens
     # an identity reconstruction of a blanked patch predicts 0, so the loss is the mean square of the blanked

@@ -625,7 +625,7 @@ def test_toy_style_reaches_the_data_and_the_toy_target_encoder(monkeypatch):
     assert dataset.style == "sizes"
     styles = {}
     real_load = train.encoders_module.load_encoders
-    monkeypatch.setattr(train.toy, "ensure_toy_encoder", lambda name, grid, log=None, style=None:
+    monkeypatch.setattr(train.toy_world, "ensure_toy_encoder", lambda name, grid, log=None, style=None:
                         styles.update(trained=(name, style)))
     monkeypatch.setattr(train.encoders_module, "load_encoders", lambda name, device, **k: styles.update(
         loaded=(name, k.get("toy_style"))) or real_load("tiny-vit", device, resolution=16, grid_size=grid,
@@ -673,8 +673,8 @@ def test_the_toy_runs_real_grid_is_drawn_in_its_own_toy_style(tmp_path, monkeypa
     styles = []
     images, labels = torch.zeros(4, 3, 16, 16, dtype=torch.uint8), torch.tensor([0, 5, 7, 11])
     monkeypatch.setattr(monitor, "sample_grid", lambda *a: (images, labels))
-    real = monitor.toy.toy_class_examples
-    monkeypatch.setattr(monitor.toy, "toy_class_examples", lambda lab, res, style=None: styles.append((res, style))
+    real = monitor.toy_world.toy_class_examples
+    monkeypatch.setattr(monitor.toy_world, "toy_class_examples", lambda lab, res, style=None: styles.append((res, style))
                         or real(lab, res, style=style))
     args = type("A", (), dict(data_dir="toy", resolution=16, toy_style="sizes", cfg_prob=0.1))()
     log = Metrics()
