@@ -500,7 +500,8 @@ def summarize(curves, methods, seeds, out_dir, tag=""):
     write_atomic(out_file("curves", ".json"), json.dumps(
         {f"{m}-seed{s}": curves[(m, s)] for m in methods for s in seeds}).encode())
     steps = sorted({s for c in curves.values() for s, _ in c[measures[0][0]]}) if measures else []
-    samples_figure(out_dir, methods, seeds[0], steps[::max(1, len(steps) // 8)], out_file("samples", ".png"))
+    shown = [s for s in steps if s % 100 == 0] or steps[::max(1, len(steps) // 4)]  # a few columns, not every step
+    samples_figure(out_dir, methods, seeds[0], shown, out_file("samples", ".png"))
     print(f"wrote {out_file('table', '.md')} and the pictures beside it")
     return text
 
@@ -546,7 +547,7 @@ def measure_tables(curves, methods, seeds, name, higher):
 
 
 def samples_figure(out_dir, methods, seed, steps, path):
-    """samples.png: the first row of each run's EMA grid (same noise and labels for every method of one seed),
+    """samples.png: the first 8 images of each run's EMA grid (same noise and labels for every method of one seed),
     one row per method, one column per evaluated step, like REPA's Fig. 4. Skipped where a grid is missing."""
     tiles = {}
     for m in methods:
@@ -557,7 +558,7 @@ def samples_figure(out_dir, methods, seed, steps, path):
                 with open(os.path.join(run, "args.json")) as f:
                     res = int(json.load(f)["resolution"])
                 with Image.open(grid) as im:  # the grid's first row: 2 px of padding, the images, 2 px below
-                    tiles[(m, st)] = im.convert("RGB").crop((0, 0, im.width, res + 4))
+                    tiles[(m, st)] = im.convert("RGB").crop((0, 0, min(im.width, 2 + 8 * (res + 2)), res + 4))
     if not tiles:
         return
     tw, th = next(iter(tiles.values())).size

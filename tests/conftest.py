@@ -81,3 +81,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_toy_encoders(tmp_path, monkeypatch):
+    """An empty toy-encoder cache under tmp_path and a 3-step toy encoder training (batch 8, 48 images), so that a
+    test makes a toy encoder in a second through the real training and caching path."""
+    import encoders
+    monkeypatch.setenv("REPA_REG_CACHE", str(tmp_path / "cache"))
+    for k, v in {"steps": 3, "batch_size": 8, "num_images": 48}.items():
+        monkeypatch.setitem(encoders.TOY_TRAIN, k, v)
+    return tmp_path / "cache"

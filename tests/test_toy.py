@@ -49,11 +49,7 @@ def test_toy_class_examples_are_real_items_of_those_classes():
 
 # --- toy target encoder ---------------------------------------------------------------------------------------------
 
-def test_toy_encoder_trained_once_cached_and_read_by_the_normal_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("REPA_REG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(E.TOY_TRAIN, "steps", 3)
-    monkeypatch.setitem(E.TOY_TRAIN, "batch_size", 8)
-    monkeypatch.setitem(E.TOY_TRAIN, "num_images", 48)
+def test_toy_encoder_trained_once_cached_and_read_by_the_normal_path(tmp_path, monkeypatch, tiny_toy_encoders):
     calls = []
     real_train = toy_world.train_toy_encoder
     monkeypatch.setattr(toy_world, "train_toy_encoder", lambda *a, **k: calls.append(a) or real_train(*a, log=lambda m: None))

@@ -146,11 +146,7 @@ def test_toy_oracle_is_the_renderers_patch_geometry():
     torch.testing.assert_close(cls, patches.mean(1))
 
 
-def test_label_free_toy_encoder_made_on_first_use_cached_and_loaded(tmp_path, monkeypatch):
-    monkeypatch.setenv("REPA_REG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(E.TOY_TRAIN, "steps", 3)
-    monkeypatch.setitem(E.TOY_TRAIN, "batch_size", 8)
-    monkeypatch.setitem(E.TOY_TRAIN, "num_images", 48)
+def test_label_free_toy_encoder_made_on_first_use_cached_and_loaded(tmp_path, monkeypatch, tiny_toy_encoders):
     seen = []
     real_ce = torch.nn.functional.cross_entropy
     monkeypatch.setattr(toy_world.F, "cross_entropy", lambda *a, **k: seen.append(1) or real_ce(*a, **k))
