@@ -242,3 +242,37 @@ def test_irepa_options_train_with_a_released_encoder_and_the_checkpoint_samples(
     sample.main(["--ckpt", str(tmp_path / "d" / "checkpoints" / "0000002.pt"), "--class-labels", "0", "1",
                  "--num-steps", "2", "--grid-path", str(tmp_path / "g.png"), "--device", "cpu"])
     assert (tmp_path / "g.png").is_file()
+
+
+def test_an_unknown_target_design_is_one_line_naming_the_flag(capsys):
+    import toy_experiment
+    with pytest.raises(SystemExit) as e:
+        toy_experiment.experiment_main(["--design", "dino"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--design" in err and "spatial" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("design, sit, aligned", [
+    ("spatial", [], []),  # the smoke preset's REPA / REG already normalize
+    ("class", [], ["--target-norm", "none"]),
+    ("oracle", [], ["--target-norm", "none", "--enc-type", "toy-oracle"]),
+    ("unconditional", ["--cfg-prob", "1"], ["--cfg-prob", "1", "--target-norm", "none"]),
+])
+def test_each_design_adds_its_flags_and_has_its_own_folder(monkeypatch, tmp_path, design, sit, aligned):
+    import toy_experiment
+    planned = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(toy_experiment, "prepare_toy_encoders", lambda runs: None)
+
+    def plan(todo, jobs):
+        planned.extend(todo)
+        raise KeyboardInterrupt  # stop before any training
+    monkeypatch.setattr(toy_experiment, "run_trainings", plan)
+    with pytest.raises(KeyboardInterrupt):
+        toy_experiment.experiment_main(["--design", design, "--seeds", "0"])
+    out = os.path.join("experiments", "toy", f"sizes-{design}")
+    base = ["--seed", "0", "--output-dir", out]
+    for (name, flags, _), method in zip(planned, ["sit", "repa", "reg"]):
+        assert flags[:5] == [f"--smoke={method}", *base] and name == f"{method}-seed0"
+        tail = flags[flags.index("--sample-steps") + 2:]
+        assert tail == (sit if method == "sit" else aligned)
