@@ -315,7 +315,7 @@ def run_trainings(runs, jobs=1):
     """Train each (name, flags, done.json path) of `runs`, `jobs` at a time, writing done.json as each finishes.
     With jobs > 1 each run gets OMP_NUM_THREADS = CPUs // jobs (on 2 cores, two one-thread runs train about 1.2x
     the images/s of one two-thread run). A run that fails stops the experiment once the running ones are done;
-    its own message is printed above."""
+    its own message is printed above. Bad train.py flags (its exit status 2) end it with that one line and status 2."""
     env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or jobs) // jobs)))
     pending, running, failed = list(runs), [], []
     while (pending and not failed) or running:  # after a failure: no new run, wait for the running ones
@@ -333,10 +333,14 @@ def run_trainings(runs, jobs=1):
             if proc.returncode == 0:
                 write_atomic(done, json.dumps({"flags": flags}, indent=1).encode())
             else:
-                failed.append(f"`python train.py {' '.join(flags)}` exited with status {proc.returncode}")
+                failed.append((proc.returncode, f"`python train.py {' '.join(flags)}` exited with status "
+                                                f"{proc.returncode}"))
         if running:
             time.sleep(0.5)
+    if failed and all(code == 2 for code, _ in failed):
+        raise SystemExit(2)  # train.py refused its flags: its own one-line message above says which and why
     if failed:
+        failed = [msg for _, msg in failed]
         raise UsageError(f"{'; '.join(failed)} (its message is above); rerun the same command to continue: "
                          f"finished runs are kept")
 

@@ -276,3 +276,12 @@ def test_each_design_adds_its_flags_and_has_its_own_folder(monkeypatch, tmp_path
         assert flags[:5] == [f"--smoke={method}", *base] and name == f"{method}-seed0"
         tail = flags[flags.index("--sample-steps") + 2:]
         assert tail == (sit if method == "sit" else aligned)
+
+
+def test_a_bad_train_flag_in_the_experiment_ends_in_trains_own_line(tmp_path, capfd):
+    import toy_experiment
+    with pytest.raises(SystemExit) as e:
+        toy_experiment.experiment_main(["--methods", "sit", "--seeds", "0", "--output-dir", str(tmp_path),
+                                        "--batch-size", "0"])
+    err = [line for line in capfd.readouterr().out.splitlines() + [] if "error" in line]
+    assert e.value.code == 2 and len(err) == 1 and "--batch-size must be a positive integer" in err[0]
