@@ -264,6 +264,7 @@ METHOD_FLAGS = {"sit": ["--smoke=sit"], "repa": ["--smoke=repa"], "reg": ["--smo
 DESIGNS = {
     "spatial": [],
     "class": ["--target-norm", "none"],  # toy-vit's tokens as they are: ~95 % a class code (the earlier experiment)
+    "spatial-lambda2": ["--proj-coeff", "2"],  # the same target, the alignment term weighted 2 instead of 0.5
     "irepa": ["--projector", "conv"],  # iREPA in full: the normalization and the convolutional projector
     "oracle": ["--target-norm", "none", "--enc-type", "toy-oracle"],
     "mae": ["--target-norm", "none", "--enc-type", "toy-vit-mae"],
