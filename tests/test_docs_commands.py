@@ -122,7 +122,7 @@ def test_the_shorter_experiment_of_the_docs_runs_in_a_fresh_clone_into_its_own_f
     monkeypatch.setattr(toy_experiment, "run_trainings", stop)
     with pytest.raises(Parsed):
         toy_experiment.experiment_main(line[1:])
-    out = os.path.join("experiments", "toy", "sizes-spatial-max-train-steps-200")
+    out = os.path.join("experiments", "toy", "sizes-spatial-lambda2-max-train-steps-200")
     assert [name for name, _, _ in planned] == ["sit-seed0", "repa-seed0", "reg-seed0"]
     for name, flags, done in planned:
         assert done == os.path.join(out, name, "done.json")

@@ -168,7 +168,8 @@ def test_toy_experiment_runs_every_method_and_seed_writes_table_and_plot(tmp_pat
     assert {(a["seed"], a["batch_size"], a["max_train_steps"]) for a in args.values()} == {(1, 8, 4)}  # same budget
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:4]] == ["| SiT", "| REPA", "| REG"] and rows[0] == "| method | 2 | 4 |"
-    assert [a["target_norm"] for a in args.values()] == ["none", "spatial", "spatial"]  # the default design
+    assert [a["target_norm"] for a in args.values()] == ["none", "spatial", "spatial"]  # the default design:
+    assert [a["proj_coeff"] for a in args.values()] == [0.0, 2.0, 2.0]  # normalized targets, lambda 2
     fig = np.asarray(Image.open(out / "samples.png"))  # 3 methods x 2 steps of grid rows, 3x enlarged
     assert fig.shape[0] > 3 * 3 * (16 + 4) and fig.shape[1] > 2 * 3 * 2 * 18
     # finished runs are reused: a second call trains nothing
@@ -206,9 +207,10 @@ def test_toy_experiment_reuses_committed_runs_without_training(tmp_path, monkeyp
     # done.json (the flags of the run), no checkpoints
     out = tmp_path / "toy"
 
-    def flags(method, seed, name):  # what the default command passes train.py (the spatial design is the preset's)
+    def flags(method, seed, name):  # what the default command passes train.py (the default design: lambda 2)
         return [f"--smoke={method}", "--seed", str(seed), "--output-dir", str(out), "--exp-name", name,
-                "--toy-style", "sizes", "--sample-every", "50", "--num-sample-images", "256", "--sample-steps", "10"]
+                "--toy-style", "sizes", "--sample-every", "50", "--num-sample-images", "256", "--sample-steps", "10",
+                *([] if method == "sit" else ["--proj-coeff", "2"])]
     for method, acc, fd in (("sit", [0.2, 0.6], [3.0, 1.0]), ("reg", [0.5, 0.9], [0.8, 0.4])):
         run = out / f"{method}-seed0"
         (run / "samples").mkdir(parents=True)
