@@ -191,8 +191,7 @@ def save_samples(ema, monitor, step, args, ctx, exp_dir, log):
                     f"{acc['colour']:.3f})")
         real_path = os.path.join(exp_dir, "samples", "real.png")
         if not os.path.exists(real_path):
-            real = toy_world.toy_class_examples(labels.cpu(), args.resolution, style=getattr(args, "toy_style",
-                                                                                        toy_world.TOY_STYLE))
+            real = toy_world.toy_class_examples(labels.cpu(), args.resolution, style=style)
             sample.save_grid(torch.from_numpy(real), real_path, nrow=int(math.ceil(math.sqrt(len(real)))))
     log.info(msg)
 

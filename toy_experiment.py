@@ -479,6 +479,16 @@ def steps_to_level(curve, level, higher=True):
     return next((s for s, v in curve if reached(v, level, higher)), None)
 
 
+def evaluated_steps(curves):
+    """Every step at which some run was evaluated, in order. curves: {(method, seed): [(step, value)]}."""
+    return sorted({s for c in curves.values() for s, _ in c})
+
+
+def by_seed(curves, method, seeds, steps):
+    """[seeds, steps] array of one method's values (nan where a seed has no evaluation at that step)."""
+    return np.array([[dict(curves[(method, s)]).get(st, np.nan) for st in steps] for s in seeds])
+
+
 def summarize(curves, methods, seeds, out_dir, tag=""):
     """Tables (markdown, printed and written), curves and pictures of a finished experiment, in out_dir as
     table.md, curves.json, fd.png, joint_accuracy.png and samples.png (table-TAG.md, ... with a tag).
@@ -488,11 +498,12 @@ def summarize(curves, methods, seeds, out_dir, tag=""):
     measures = [m for m in MEASURES if all(curves[(me, s)].get(m[0]) for me in methods for s in seeds)]
     text = ""
     for key, name, higher in measures:
-        text += measure_tables({k: c[key] for k, c in curves.items()}, methods, seeds, name, higher) + "\n\n"
-        steps = sorted({s for c in curves.values() for s, _ in c[key]})
+        one = {k: c[key] for k, c in curves.items()}
+        text += measure_tables(one, methods, seeds, name, higher) + "\n\n"
+        steps = evaluated_steps(one)
         series = []
         for m in methods:
-            table = np.array([[dict(curves[(m, s)][key]).get(st, np.nan) for st in steps] for s in seeds])
+            table = by_seed(one, m, seeds, steps)
             table = np.log10(table) if not higher else table  # FD: a log scale (it falls from ~15 to ~0.1)
             series.append({"label": method_label(m), "x": steps, "y": np.nanmean(table, 0).tolist(),
                            "lo": np.nanmin(table, 0).tolist(), "hi": np.nanmax(table, 0).tolist()})
@@ -505,7 +516,7 @@ def summarize(curves, methods, seeds, out_dir, tag=""):
     write_atomic(out_file("table", ".md"), text.encode())
     write_atomic(out_file("curves", ".json"), json.dumps(
         {f"{m}-seed{s}": curves[(m, s)] for m in methods for s in seeds}).encode())
-    steps = sorted({s for c in curves.values() for s, _ in c[measures[0][0]]}) if measures else []
+    steps = evaluated_steps({k: c[measures[0][0]] for k, c in curves.items()}) if measures else []
     shown = [s for s in steps if s % 100 == 0] or steps[::max(1, len(steps) // 4)]  # a few columns, not every step
     samples_figure(out_dir, methods, seeds[0], shown, out_file("samples", ".png"))
     print(f"wrote {out_file('table', '.md')} and the pictures beside it")
@@ -517,11 +528,11 @@ def measure_tables(curves, methods, seeds, name, higher):
     the step at which each method first reaches SiT's final value (the mean over seeds of SiT's LAST evaluation,
     not its best), per seed and on average, the speed-up (SiT's mean steps / the method's) and whether the two
     seed ranges are apart (every seed of the method there before any seed of SiT)."""
-    steps = sorted({s for c in curves.values() for s, _ in c})
+    steps = evaluated_steps(curves)
     lines = [f"**{name}** ({'higher' if higher else 'lower'} is better)", "",
              "| method | " + " | ".join(f"{s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for m in methods:
-        table = np.array([[dict(curves[(m, s)]).get(st, np.nan) for st in steps] for s in seeds])
+        table = by_seed(curves, m, seeds, steps)
         mean, lo, hi = np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
         lines.append(f"| {method_label(m)} | " + " | ".join(f"{mu:.3f} ± {(h - l) / 2:.3f}" for mu, l, h in
                                                             zip(mean, lo, hi)) + " |")
@@ -530,7 +541,7 @@ def measure_tables(curves, methods, seeds, name, higher):
     if "sit" not in methods:
         return "\n".join(lines)
     level = float(np.mean([curves[("sit", s)][-1][1] for s in seeds]))
-    last = max(st for c in curves.values() for st, _ in c)
+    last = steps[-1]
     sit_steps = [steps_to_level(curves[("sit", s)], level, higher) for s in seeds]
     sit_mean = np.mean([st or last for st in sit_steps])  # a SiT seed that never gets there counts as `last`
     lines += ["", f"Steps to SiT's final {name} ({level:.3f}, the mean of SiT's last evaluation):", "",

@@ -274,13 +274,12 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
             with part(STATS_PART):
                 current = StepStats(stats, stop.signal is not None, step, batches.epoch, world_size, device)
                 if pending is not None:
-                    stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step) or stopping
+                    stopping = account(pending, meter, args, exp_dir, bench, first_step) or stopping
                 pending = current
                 sampling = monitor is not None and (step % args.sample_every == 0 or last)
                 saving = not bench and (step % args.checkpointing_steps == 0 or last)
                 if stopping or saving or sampling or last:
-                    stopping = account(pending, meter, args, exp_dir, bench, total_steps, first_step,
-                                       last) or stopping
+                    stopping = account(pending, meter, args, exp_dir, bench, first_step, last) or stopping
                     pending = None
             if pending is not None:
                 continue
@@ -295,8 +294,6 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
                 log.info(f"stopped by {stop.signal or 'a signal on another rank'} at step {step}; rerun the same "
                          f"command to continue from here")
                 break
-        if pending is not None:  # the loop ended at the end of the last epoch
-            account(pending, meter, args, exp_dir, bench, total_steps, first_step)
     except FloatingPointError as e:
         log.info(f"error: {e}")
         raise UsageError(str(e)) from None
@@ -315,13 +312,14 @@ def train_in_folder(args, rank, world_size, device, exp_dir, folder):
     return {"steps": step, "exp_dir": exp_dir}
 
 
-def account(pending, meter, args, exp_dir, bench, total_steps, first_step, last=False):
+def account(pending, meter, args, exp_dir, bench, first_step, last=False):
     """Read one step's stats (waiting for that step's kernels only): stop on a non-finite value, naming the step;
-    add them to the log's running means and write the log line when due. Returns whether any rank asked to stop."""
+    add them to the log's running means and write the log line when due (every --log-every steps and at the last
+    step, which the loop always reads at once). Returns whether any rank asked to stop."""
     stats, stopping = pending.read()
     check_finite(stats, pending.step, args, exp_dir)
     meter.add(stats)
-    if not bench and (pending.step % args.log_every == 0 or pending.step == total_steps or last):
+    if not bench and (pending.step % args.log_every == 0 or last):
         meter.log(pending.step, pending.epoch, pending.done)
     elif not bench and pending.step == first_step:
         meter.show_first(pending.step, stats, pending.done)  # a line at once, not minutes of silence until the first --log-every
