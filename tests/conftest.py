@@ -92,3 +92,19 @@ def tiny_toy_encoders(tmp_path, monkeypatch):
     for k, v in {"steps": 3, "batch_size": 8, "num_images": 48}.items():
         monkeypatch.setitem(encoders.TOY_TRAIN, k, v)
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def train_fails(capsys):
+    """train_fails(*argv): train.py in-process must exit 2 with exactly one line on stderr and no traceback;
+    returns that line."""
+    import train
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as e:
+            train.main(list(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("train.py: error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
+        return err
+    return run

@@ -27,22 +27,9 @@ TINY = ["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-
 MB = 2 ** 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def train_fails(capsys, *argv):
-    """train.py in-process must exit 2 with exactly one line on stderr, no traceback; returns the line."""
-    with pytest.raises(SystemExit) as e:
-        train.main(list(argv))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("train.py: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    return err
 
 
 def ckpt_files(exp_dir):
@@ -73,14 +60,14 @@ def remount(path, options):
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
 
 
-def test_a_really_full_disk_mid_checkpoint_ends_in_one_line_and_the_same_command_continues(tmp_path, capsys):
+def test_a_really_full_disk_mid_checkpoint_ends_in_one_line_and_the_same_command_continues(tmp_path, capsys, train_fails):
     # Room for one checkpoint (~68 MB) but not two: the second write fills the disk inside torch's zip writer,
     # which reports it as RuntimeError("unexpected pos ...") with the ENOSPC OSError hidden behind it.
     mnt = tmp_path / "small"
     mount_tmpfs(mnt, 100)
     try:
         cmd = [*TINY, "--output-dir", str(mnt), "--exp-name", "run", "--max-train-steps", "3"]
-        err = train_fails(capsys, *cmd)
+        err = train_fails(*cmd)
         exp_dir = str(mnt / "run")
         first = os.path.join(exp_dir, "checkpoints", "0000001.pt")
         assert "could not write checkpoint" in err and "0000002.pt (no space left on the device)" in err
@@ -95,7 +82,7 @@ def test_a_really_full_disk_mid_checkpoint_ends_in_one_line_and_the_same_command
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def test_a_checkpoint_folder_that_really_turns_read_only_names_that_cause(tmp_path, capsys, monkeypatch):
+def test_a_checkpoint_folder_that_really_turns_read_only_names_that_cause(tmp_path, capsys, monkeypatch, train_fails):
     # checkpoints/ on its own tmpfs, remounted read-only after the first checkpoint (a file system with files
     # open for writing, like log.txt, cannot be remounted read-only, so the folder above stays writable).
     exp_dir = tmp_path / "run"
@@ -110,7 +97,7 @@ def test_a_checkpoint_folder_that_really_turns_read_only_names_that_cause(tmp_pa
             return real_save(exp_dir_, step, *a, **k)
         monkeypatch.setattr(train, "save_training_state", save_then_turn_read_only)
         cmd = [*TINY, "--output-dir", str(tmp_path), "--exp-name", "run", "--max-train-steps", "3"]
-        err = train_fails(capsys, *cmd)
+        err = train_fails(*cmd)
         assert "0000002.pt (the file system is read-only)" in err and "remount it read-write" in err
         assert "space" not in err  # not the full disk's advice
         monkeypatch.undo()
@@ -184,7 +171,7 @@ def test_a_write_failing_inside_torch_save_names_its_cause_and_keeps_the_last_ch
 
 @pytest.mark.parametrize("code, cause, todo", CAUSES[:3])
 def test_a_failing_write_mid_run_exits_2_in_one_line_and_the_same_command_continues(tmp_path, capsys, monkeypatch,
-                                                                                     code, cause, todo):
+                                                                                     code, cause, todo, train_fails):
     cmd = [*TINY, "--output-dir", str(tmp_path), "--exp-name", "run", "--max-train-steps", "3"]
     real_save = train.save_training_state
 
@@ -193,7 +180,7 @@ def test_a_failing_write_mid_run_exits_2_in_one_line_and_the_same_command_contin
             fail_temp_writes(monkeypatch, code, 4096)
         return real_save(exp_dir, step, *a, **k)
     monkeypatch.setattr(train, "save_training_state", save)
-    err = train_fails(capsys, *cmd)
+    err = train_fails(*cmd)
     monkeypatch.undo()
     exp_dir = str(tmp_path / "run")
     assert f"0000002.pt ({cause})" in err and todo in err and "0000001.pt is intact" in err
@@ -203,7 +190,7 @@ def test_a_failing_write_mid_run_exits_2_in_one_line_and_the_same_command_contin
 
 
 def test_a_folder_turning_read_only_ends_in_its_own_line_not_a_second_traceback_from_the_lock(tmp_path, capsys,
-                                                                                              monkeypatch):
+                                                                                              monkeypatch, train_fails):
     # From step 2 on the experiment folder refuses every change: creating the checkpoint's temp file, and the
     # lock's removal when the run ends (what the released lock handling turned into a second traceback).
     cmd = [*TINY, "--output-dir", str(tmp_path), "--exp-name", "run", "--max-train-steps", "3"]
@@ -231,7 +218,7 @@ def test_a_folder_turning_read_only_ends_in_its_own_line_not_a_second_traceback_
     monkeypatch.setattr(plumbing, "open", fake_open, raising=False)
     monkeypatch.setattr(os, "remove", fake_remove)
     monkeypatch.setattr(train, "save_training_state", save)
-    err = train_fails(capsys, *cmd)
+    err = train_fails(*cmd)
     monkeypatch.undo()
     assert "0000002.pt (the file system is read-only)" in err and "remount it read-write" in err
     assert "space" not in err
@@ -240,7 +227,7 @@ def test_a_folder_turning_read_only_ends_in_its_own_line_not_a_second_traceback_
     assert "took over the lock" in open(os.path.join(exp_dir, "log.txt")).read()
 
 
-def test_a_log_write_on_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypatch):
+def test_a_log_write_on_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypatch, train_fails):
     # log.txt / metrics.jsonl are appended to, not written atomically: their write fails first on a full disk.
     cmd = [*TINY, "--output-dir", str(tmp_path), "--exp-name", "run", "--max-train-steps", "3"]
     real_metrics = train.Meter.log
@@ -251,7 +238,7 @@ def test_a_log_write_on_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypat
                                       for f in self.logger.files)
         return real_metrics(self, step, *a, **k)
     monkeypatch.setattr(train.Meter, "log", meter_log)
-    err = train_fails(capsys, *cmd)
+    err = train_fails(*cmd)
     monkeypatch.undo()
     exp_dir = str(tmp_path / "run")
     assert err == (f"train.py: error: no space left on the device. The latest checkpoint "
@@ -261,7 +248,7 @@ def test_a_log_write_on_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_a_data_file_vanishing_mid_run_names_the_file(tmp_path, capsys, monkeypatch, workers):
+def test_a_data_file_vanishing_mid_run_names_the_file(tmp_path, capsys, monkeypatch, workers, train_fails):
     # A dataset in the released layout whose latents file is deleted after the run listed it; with a loader
     # worker the error reaches the main process as text (no errno), from which the cause is read.
     from test_train import _write_released_layout
@@ -274,7 +261,7 @@ def test_a_data_file_vanishing_mid_run_names_the_file(tmp_path, capsys, monkeypa
         os.remove(data_dir / "vae-sd" / "00000" / "img-mean-std-00000001.npy")
         return out
     monkeypatch.setattr(train, "resolve_data", resolve_then_delete)
-    err = train_fails(capsys, "--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32",
+    err = train_fails("--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32",
                       "--batch-size", "2", "--enc-type", "none", "--proj-coeff", "0", "--num-workers", workers,
                       "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--max-train-steps", "2",
                       "--sample-every", "0", "--mixed-precision", "no")

@@ -24,12 +24,7 @@ BENCH = ["--model", "SiT-T/4", "--resolution", "32", "--batch-size", "2", "--reg
 EPS32 = 2.0 ** -23  # fp32 machine epsilon (spacing of floats in [1, 2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def load(path):

@@ -25,14 +25,7 @@ TINY = ["--model", "SiT-T/8", "--data-dir", "toy", "--resolution", "16", "--toy-
         "--log-every", "1", "--sample-every", "0", "--num-sample-images", "4", "--sample-steps", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads spinning against other busy processes
-    make them several times slower: run this file's in-process training single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_train(tmp_path, *flags):
@@ -271,14 +264,6 @@ def test_out_of_memory_stops_with_what_to_do_and_keeps_the_last_checkpoint(tmp_p
 # The experiment folder: one configuration, one writer; settings changed on resume; bad input
 # ------------------------------------------------------------------------------------------------------------------
 
-def fails(capsys, *argv):
-    """Run train.py in-process with argv; it must exit 2 with one line on stderr and no traceback."""
-    with pytest.raises(SystemExit) as e:
-        train.main(list(argv))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("train.py: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    return err
 
 
 def snapshot(folder):
@@ -317,34 +302,34 @@ def test_the_same_command_twice_continues_the_run(tmp_path, monkeypatch):
     assert snapshot(exp) == before
 
 
-def test_another_configuration_is_refused_and_leaves_the_folder_byte_identical(tmp_path, capsys):
+def test_another_configuration_is_refused_and_leaves_the_folder_byte_identical(tmp_path, capsys, train_fails):
     run_train(tmp_path, "--reg", "--exp-name", "mine", "--max-train-steps", "2", "--checkpointing-steps", "1")
     exp = tmp_path / "mine"
     before = snapshot(exp)
     assert {"args.json", "log.txt", "metrics.jsonl", "checkpoints/0000001.pt", "checkpoints/0000002.pt"} <= set(before)
     base = [*TINY, "--output-dir", str(tmp_path), "--exp-name", "mine", "--max-train-steps", "4"]
-    err = fails(capsys, *base)  # REPA into a REG folder
+    err = train_fails(*base)  # REPA into a REG folder
     assert "holds the checkpoints (up to step 2) of another configuration" in err
     assert "reg: True (folder) vs False (now)" in err and "--exp-name" in err and "--resume auto" in err
-    err = fails(capsys, *base, "--reg", "--ema-decay", "0.5")  # a recipe setting differs
+    err = train_fails(*base, "--reg", "--ema-decay", "0.5")  # a recipe setting differs
     assert "ema_decay: 0.9999 (folder) vs 0.5 (now)" in err
     # --resume PATH must not write over later checkpoints, nor into a folder with checkpoints of its own.
-    err = fails(capsys, *base, "--reg", "--resume", str(exp / "checkpoints" / "0000001.pt"))
+    err = train_fails(*base, "--reg", "--resume", str(exp / "checkpoints" / "0000001.pt"))
     assert "older than 1 checkpoint(s)" in err and "--resume auto" in err
     run_train(tmp_path, "--reg", "--exp-name", "other", "--max-train-steps", "1")
-    err = fails(capsys, *base, "--reg", "--resume", str(tmp_path / "other" / "checkpoints" / "0000001.pt"))
+    err = train_fails(*base, "--reg", "--resume", str(tmp_path / "other" / "checkpoints" / "0000001.pt"))
     assert "already holds the checkpoints of its own run" in err
     assert snapshot(exp) == before
 
 
-def test_a_second_writer_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+def test_a_second_writer_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys, train_fails):
     exp = tmp_path / "locked"
     exp.mkdir()
     lock = exp / "lock"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a live process on this host holds the folder
         lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "then"}))
-        err = fails(capsys, *TINY, "--output-dir", str(tmp_path), "--exp-name", "locked", "--max-train-steps", "1")
+        err = train_fails(*TINY, "--output-dir", str(tmp_path), "--exp-name", "locked", "--max-train-steps", "1")
         assert f"in use by another run (pid {sleeper.pid} on {socket.gethostname()}" in err and str(lock) in err
     finally:
         sleeper.kill()
@@ -355,7 +340,7 @@ def test_a_second_writer_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path,
     assert f"pid {sleeper.pid} on this host has exited" in (exp / "log.txt").read_text() and not lock.exists()
     # A lock from another host counts while its heartbeat is fresh, and is taken over once it is LOCK_STALE_S old.
     lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
-    fails(capsys, *TINY, "--output-dir", str(tmp_path), "--exp-name", "locked", "--max-train-steps", "2")
+    train_fails(*TINY, "--output-dir", str(tmp_path), "--exp-name", "locked", "--max-train-steps", "2")
     old = time.time() - run_folder.LOCK_STALE_S - 5
     os.utime(lock, (old, old))
     assert run_train(tmp_path, "--exp-name", "locked", "--max-train-steps", "2")["steps"] == 2
@@ -396,23 +381,23 @@ def test_a_learning_rate_changed_on_resume_reaches_the_optimizer(tmp_path):
     assert "changed since the checkpoint: learning_rate 0.001 -> 0.002" in (tmp_path / "b" / "log.txt").read_text()
 
 
-def test_each_bad_input_exits_2_with_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+def test_each_bad_input_exits_2_with_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch, train_fails):
     out = ["--output-dir", str(tmp_path / "results")]
-    assert "--batch-size must be a positive integer, got 0" in fails(capsys, *TINY, *out, "--batch-size", "0")
-    assert "--max-train-steps must be a positive integer, got -5" in fails(capsys, *TINY, *out,
+    assert "--batch-size must be a positive integer, got 0" in train_fails(*TINY, *out, "--batch-size", "0")
+    assert "--max-train-steps must be a positive integer, got -5" in train_fails(*TINY, *out,
                                                                            "--max-train-steps", "-5")
     (tmp_path / "a_file").write_text("")
-    err = fails(capsys, *TINY, "--output-dir", str(tmp_path / "a_file" / "results"))
+    err = train_fails(*TINY, "--output-dir", str(tmp_path / "a_file" / "results"))
     assert "cannot write the experiment folder" in err and "writable --output-dir" in err
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    err = fails(capsys, *TINY, *out, "--resume", str(tmp_path / "garbage.pt"))
+    err = train_fails(*TINY, *out, "--resume", str(tmp_path / "garbage.pt"))
     assert "is not a readable training checkpoint" in err and "mmap" not in err
-    err = fails(capsys, *TINY, *out, "--resume", str(tmp_path))
+    err = train_fails(*TINY, *out, "--resume", str(tmp_path))
     assert "is a folder; pass a checkpoint file" in err
     # The default DINOv2 target offline and not in the (empty) hub cache: one line, naming --enc-path.
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    err = fails(capsys, *TINY, *out, "--enc-type", "dinov2-vit-b")
+    err = train_fails(*TINY, *out, "--enc-type", "dinov2-vit-b")
     assert "cannot load target encoder 'dinov2-vit-b'" in err and "--enc-path" in err
     assert not os.path.exists(tmp_path / "results")  # no stub experiment folder from a failed start
